@@ -1,0 +1,376 @@
+"""The one configuration schema, the model sizes, and `validate`.
+
+Every config file in `configs/` starts from `base_config()` and calls `set_size(config, name)`; command lines
+then override single fields (`--config.train.stage1.steps=500`). The config is locked, so a typo fails and
+ml-collections names the closest existing key. `validate` runs after parsing and names the bad field.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from typing import Iterable, Sequence
+
+import ml_collections
+
+NETWORKS = ("tokenizer", "llm", "fm", "rm")
+STAGES = ("stage1", "stage2", "stage3")
+LOSS_TERMS = ("llm", "rm", "fm", "e2e_fm", "e2e_asr", "e2e_spk")
+DTYPES = ("float32", "bfloat16")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+MODES = ("e2e", "cascaded")
+
+
+class ConfigError(ValueError):
+  """A config field has a bad value; the message names the field and why."""
+
+
+def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collections.ConfigDict:
+  w = {k: 0.0 for k in LOSS_TERMS}
+  w.update(weights)
+  return ml_collections.ConfigDict({
+      "steps": steps,
+      # Comma-separated subset of NETWORKS; the others get zero updates and no gradient.
+      "trainable": trainable,
+      "learning_rate": lr,
+      "warmup_steps": max(1, steps // 10),
+      "weights": w,
+  })
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All keys with the `small` values; sizes only change numbers, never the schema."""
+  c = ml_collections.ConfigDict()
+  c.name = "small"
+  c.seed = 0
+
+  # Audio. The embedded corpus is 16 kHz (flite); hop 320 -> 50 Hz mel, tokens at 25 Hz as in CosyVoice.
+  c.audio = ml_collections.ConfigDict({
+      "sample_rate": 16000,
+      "n_fft": 1280,
+      "win_length": 1280,
+      "hop_length": 320,
+      "n_mels": 80,
+      "fmin": 0.0,
+      "fmax": 8000.0,
+      "center": False,
+      "log_floor": 1e-5,          # log(max(mel, floor)): the floor bounds silence at log(1e-5) = -11.5
+      "griffin_lim_iters": 32,
+  })
+
+  # Text: sentencepiece for the LLM; CTC units for the RM's ASR head.
+  c.text = ml_collections.ConfigDict({
+      "vocab_size": 512,
+      "model_type": "unigram",
+      "ctc_units": "char",        # 'char' (a-z, apostrophe, space) or 'sentencepiece'
+      "max_text_tokens": 128,     # sentencepiece ids per utterance (fixed padded length)
+      "max_ctc_len": 256,         # CTC label units per utterance (fixed padded length)
+  })
+
+  c.data = ml_collections.ConfigDict({
+      "manifest": "",             # JSONL/LJSpeech/LibriTTS/meta.lst, for e2etts-prepare
+      "shards": "",               # directory of ArrayRecord shards written by e2etts-prepare
+      "split": "train",
+      "batch_size": 16,           # global batch, across all processes
+      "min_seconds": 0.4,
+      "max_seconds": 12.0,
+      "max_frames": 640,          # mel frames a batch pads to at most (12.8 s at 50 Hz)
+      "bucket_boundaries": (100, 150, 200, 280, 400, 640),  # mel frames; bounds padding waste
+      "num_workers": 0,           # grain worker processes (0 = in-process)
+      "prefetch": 2,
+      "shuffle_seed": 0,
+      "num_shards": 8,
+  })
+
+  c.model = ml_collections.ConfigDict({
+      "dtype": "float32",         # compute dtype; parameters stay float32
+      "remat": "none",
+      "rope_base": 10000.0,
+  })
+
+  c.tokenizer = ml_collections.ConfigDict({
+      "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "downsample": 2,            # mel frames per token (50 Hz -> 25 Hz)
+      "token_rate": 25.0,
+      "fsq_levels": (8, 5, 5, 5),  # 1000 codes: the small corpus cannot fill 3^8
+  })
+
+  c.llm = ml_collections.ConfigDict({
+      "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 512,
+      "max_len": 512,             # text + speech positions the KV cache holds
+      "min_ratio": 2.0,           # speech tokens >= min_ratio * text tokens (eos masked before)
+      "max_ratio": 20.0,
+      "temperature": 1.0,
+      "top_k": 25,
+      "top_p": 0.8,
+      "ras_window": 10,
+      "ras_tau": 0.1,
+  })
+
+  c.fm = ml_collections.ConfigDict({
+      "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "sigma_min": 1e-6,
+      "cfg_drop": 0.2,
+      "prompt_prob": 0.5,
+      "prompt_max_frac": 0.3,
+      "ode_steps": 10,
+      "guidance": 0.7,
+  })
+
+  c.rm = ml_collections.ConfigDict({
+      "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "num_speakers": 16,         # set from the prepared data's speaker table
+      "spk_embed_dim": 128,
+      "aux_tasks": "rate,pitch",  # manifest metadata classes recognised beside ASR and speaker
+      "aux_classes": 3,
+      "asr_weight": 1.0,
+      "spk_weight": 0.1,
+      "aux_weight": 0.1,
+      "ctc_upsample": 2,          # CTC frames per token: 25 Hz alone is too tight for fast speech + repeats
+  })
+
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+  c.train = ml_collections.ConfigDict({
+      "mode": "e2e",              # 'e2e' (stages 1-3) or 'cascaded' (recognition tokenizer, separate training)
+      "stage1": _stage(600, "tokenizer,llm,fm,rm", 1e-3, llm=0.1, rm=1.0, fm=1.0),
+      "stage2": _stage(300, "llm,fm,rm", 3e-4, llm=1.0, rm=1.0, fm=1.0),
+      "stage3": _stage(300, "llm", 1e-4, llm=1.0, e2e_fm=1.0, e2e_asr=1.0, e2e_spk=0.1),
+      "gumbel_tau": 1.0,
+      "weight_decay": 0.01,
+      "grad_clip": 5.0,
+      "b1": 0.9,
+      "b2": 0.98,
+      "log_every": 20,
+      "eval_every": 200,
+      "checkpoint_every": 200,
+      "keep_checkpoints": 3,
+      "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
+  })
+  return c
+
+
+_SIZES = {
+    # name: (audio overrides, {network: (d_model, layers, heads, kv_heads, mlp)}, extras)
+    "tiny": dict(
+        audio={"n_mels": 20},
+        nets={n: (32, 2, 2, 1 if n == "llm" else 2, 64) for n in NETWORKS},
+        tokenizer={"fsq_levels": (3, 3, 3)},
+        llm={"max_len": 160},
+        text={"vocab_size": 64, "max_text_tokens": 48, "max_ctc_len": 160},
+        rm={"spk_embed_dim": 16},
+        data={"batch_size": 4, "max_frames": 200, "bucket_boundaries": (50, 100, 200)},
+        train={"steps": (60, 30, 30)},
+    ),
+    "small": dict(),
+    "base": dict(
+        nets={"tokenizer": (512, 8, 8, 8, 1536), "llm": (512, 12, 8, 4, 1536),
+              "fm": (512, 8, 8, 8, 1536), "rm": (512, 6, 8, 8, 1536)},
+        llm={"max_len": 1024},
+        data={"batch_size": 64},
+        model={"dtype": "bfloat16"},
+        train={"steps": (20000, 10000, 10000)},
+    ),
+    "paper": dict(
+        audio={"sample_rate": 24000, "n_fft": 1920, "win_length": 1920, "hop_length": 480},
+        nets={"tokenizer": (1024, 24, 16, 16, 4096), "llm": (1024, 28, 16, 8, 4096),
+              "fm": (1024, 22, 16, 16, 3072), "rm": (1024, 24, 16, 16, 4096)},
+        tokenizer={"fsq_levels": (3,) * 8},
+        text={"vocab_size": 4096},
+        llm={"max_len": 2048},
+        rm={"spk_embed_dim": 192},
+        data={"batch_size": 256, "max_frames": 1500, "max_seconds": 30.0,
+              "bucket_boundaries": (250, 500, 750, 1000, 1500)},
+        model={"dtype": "bfloat16", "remat": "dots_no_batch"},
+        train={"steps": (100000, 50000, 50000)},
+    ),
+}
+SIZES = tuple(_SIZES)
+
+
+def set_size(c: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
+  """Applies the named model/data size to `c` in place and returns it."""
+  if name not in _SIZES:
+    raise ConfigError(f"unknown size {name!r}; choose one of {', '.join(SIZES)}")
+  spec = _SIZES[name]
+  c.name = name
+  for net, (d, layers, heads, kv, mlp) in spec.get("nets", {}).items():
+    c[net].update(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv, mlp_dim=mlp)
+  for section in ("audio", "tokenizer", "llm", "text", "rm", "data", "model", "fm"):
+    if section in spec:
+      c[section].update(spec[section])
+  if "train" in spec:
+    for stage, steps in zip(STAGES, spec["train"]["steps"]):
+      c.train[stage].steps = steps
+      c.train[stage].warmup_steps = max(1, steps // 10)
+  return c
+
+
+def get_config(size: str = "small", mode: str = "e2e") -> ml_collections.ConfigDict:
+  c = set_size(base_config(), size)
+  c.train.mode = mode
+  if mode == "cascaded":
+    make_cascaded(c)
+  return c
+
+
+def make_cascaded(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The cascaded baseline on the same networks, data and step budget.
+
+  Stage 1 trains the tokenizer on recognition only (like supervised semantic tokens: RM loss alone), stage 2
+  trains LLM, FM and RM independently on the frozen tokens, and the steps E2E spends in stage 3 go to more
+  stage-2 training instead, so both systems see the same number of updates.
+  """
+  c.train.mode = "cascaded"
+  c.train.stage1.trainable = "tokenizer,rm"
+  c.train.stage1.weights.update({k: 0.0 for k in LOSS_TERMS})
+  c.train.stage1.weights.rm = 1.0
+  c.train.stage2.steps = c.train.stage2.steps + c.train.stage3.steps
+  c.train.stage3.steps = 0
+  return c
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+  return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with the single -1 resolved to what is left of `num_devices`."""
+  dims = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+  names = ("data", "fsdp", "tensor")
+  if sum(d == -1 for d in dims) > 1:
+    raise ConfigError("mesh: at most one of mesh.data/mesh.fsdp/mesh.tensor may be -1")
+  for n, d in zip(names, dims):
+    if d == 0 or d < -1:
+      raise ConfigError(f"mesh.{n}={d}: must be a positive size or -1")
+  known = math.prod(d for d in dims if d != -1)
+  if -1 in dims:
+    if num_devices % known:
+      raise ConfigError(f"mesh: {num_devices} devices cannot be split into fixed axes of size {known} "
+                        f"(mesh.data={dims[0]}, mesh.fsdp={dims[1]}, mesh.tensor={dims[2]})")
+    dims[dims.index(-1)] = num_devices // known
+  elif known != num_devices:
+    raise ConfigError(f"mesh: mesh.data*mesh.fsdp*mesh.tensor = {known} but there are {num_devices} devices")
+  return tuple(dims)
+
+
+def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
+  """Checks cross-field rules; raises ConfigError naming the field. Returns `c` for chaining."""
+  a = c.audio
+  if a.win_length > a.n_fft:
+    raise ConfigError(f"audio.win_length={a.win_length} exceeds audio.n_fft={a.n_fft}")
+  if a.fmax > a.sample_rate / 2:
+    raise ConfigError(f"audio.fmax={a.fmax} is above Nyquist ({a.sample_rate / 2} Hz for "
+                      f"audio.sample_rate={a.sample_rate})")
+  mel_rate = a.sample_rate / a.hop_length
+  token_rate = mel_rate / c.tokenizer.downsample
+  if not math.isclose(token_rate, c.tokenizer.token_rate, rel_tol=1e-6):
+    raise ConfigError(
+        f"tokenizer.token_rate={c.tokenizer.token_rate} does not match the mel rate: audio.sample_rate / "
+        f"audio.hop_length / tokenizer.downsample = {a.sample_rate}/{a.hop_length}/{c.tokenizer.downsample} "
+        f"= {token_rate:g} Hz")
+  levels = tuple(c.tokenizer.fsq_levels)
+  if not levels or any(int(l) < 2 for l in levels):
+    raise ConfigError(f"tokenizer.fsq_levels={levels}: need at least one dimension, each with >= 2 levels")
+  for net in NETWORKS:
+    n = c[net]
+    if n.d_model % n.num_heads:
+      raise ConfigError(f"{net}.d_model={n.d_model} is not divisible by {net}.num_heads={n.num_heads}")
+    if n.num_heads % n.num_kv_heads:
+      raise ConfigError(f"{net}.num_heads={n.num_heads} is not divisible by {net}.num_kv_heads={n.num_kv_heads}")
+    if (n.d_model // n.num_heads) % 2:
+      raise ConfigError(f"{net}: head dim d_model/num_heads = {n.d_model // n.num_heads} must be even for RoPE")
+  if c.model.dtype not in DTYPES:
+    raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
+  if c.model.remat not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat={c.model.remat!r}: choose one of {REMAT_POLICIES}")
+  if c.text.ctc_units not in ("char", "sentencepiece"):
+    raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
+  d = c.data
+  bounds = tuple(d.bucket_boundaries)
+  if list(bounds) != sorted(set(bounds)) or not bounds:
+    raise ConfigError(f"data.bucket_boundaries={bounds} must be strictly increasing")
+  if bounds[-1] != d.max_frames:
+    raise ConfigError(f"data.bucket_boundaries must end at data.max_frames={d.max_frames}, got {bounds[-1]}")
+  for b in bounds:
+    if b % c.tokenizer.downsample:
+      raise ConfigError(f"data.bucket_boundaries entry {b} is not a multiple of tokenizer.downsample "
+                        f"= {c.tokenizer.downsample} (frames must split evenly into tokens)")
+  if d.max_seconds * mel_rate > d.max_frames + 1e-6:
+    raise ConfigError(f"data.max_seconds={d.max_seconds} gives {d.max_seconds * mel_rate:g} frames, more than "
+                      f"data.max_frames={d.max_frames}")
+  if d.min_seconds >= d.max_seconds:
+    raise ConfigError(f"data.min_seconds={d.min_seconds} must be below data.max_seconds={d.max_seconds}")
+  max_tokens = d.max_frames // c.tokenizer.downsample
+  if c.text.max_text_tokens + max_tokens + 3 > c.llm.max_len:
+    raise ConfigError(f"llm.max_len={c.llm.max_len} cannot hold text.max_text_tokens={c.text.max_text_tokens} "
+                      f"+ {max_tokens} speech tokens (data.max_frames / tokenizer.downsample) + 3 specials")
+  if c.train.mode not in MODES:
+    raise ConfigError(f"train.mode={c.train.mode!r}: choose one of {MODES}")
+  for stage in STAGES:
+    s = c.train[stage]
+    for net in parse_list(s.trainable):
+      if net not in NETWORKS:
+        close = difflib.get_close_matches(net, NETWORKS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"train.{stage}.trainable names unknown network {net!r}{hint}; "
+                          f"choose from {NETWORKS}")
+    if s.steps < 0:
+      raise ConfigError(f"train.{stage}.steps={s.steps} must be >= 0")
+    if s.steps and s.warmup_steps > s.steps:
+      raise ConfigError(f"train.{stage}.warmup_steps={s.warmup_steps} exceeds train.{stage}.steps={s.steps}")
+    if s.steps and not any(s.weights[k] for k in LOSS_TERMS):
+      raise ConfigError(f"train.{stage}.weights are all zero: the stage would train nothing")
+  if c.train.stage3.steps and "tokenizer" in parse_list(c.train.stage3.trainable):
+    raise ConfigError("train.stage3.trainable must not include 'tokenizer': stage 3 optimises the LLM on "
+                      "frozen tokens")
+  if num_devices is not None:
+    data, fsdp, _ = resolve_mesh_shape(c.mesh, num_devices)
+    if d.batch_size % (data * fsdp):
+      raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
+                        f"mesh.data*mesh.fsdp = {data}*{fsdp} = {data * fsdp}")
+  return c
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: Iterable[str] | dict) -> ml_collections.ConfigDict:
+  """`a.b=v` overrides for notebooks and scripts (the CLIs use absl's `--config.a.b=v`).
+
+  Values are parsed like the command line: ints, floats, bools, tuples. Unknown keys raise ConfigError
+  listing the closest valid keys.
+  """
+  items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
+  for key, value in items:
+    node, parts = c, key.split(".")
+    for i, p in enumerate(parts):
+      keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      if p not in keys:
+        close = difflib.get_close_matches(p, keys, n=3)
+        where = ".".join(parts[:i]) or "<root>"
+        raise ConfigError(f"unknown config key {key!r}: {where!r} has no field {p!r}"
+                          + (f"; did you mean {', '.join(repr(k) for k in close)}?" if close else
+                             f"; fields are {', '.join(keys)}"))
+      if i < len(parts) - 1:
+        node = node[p]
+    old = node[parts[-1]]
+    node[parts[-1]] = _parse_like(value, old, key) if isinstance(value, str) else value
+  return c
+
+
+def _parse_like(text: str, old, key: str):
+  import ast
+  if isinstance(old, str):
+    return text
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    if isinstance(old, bool) and text.lower() in ("true", "false"):
+      return text.lower() == "true"
+    raise ConfigError(f"config key {key!r}: cannot parse {text!r} as {type(old).__name__}")
+  if isinstance(old, float) and isinstance(value, int):
+    value = float(value)
+  if isinstance(old, tuple) and isinstance(value, (list, tuple)):
+    value = tuple(value)
+  return value
+
+
+def fsq_codebook_size(levels: Sequence[int]) -> int:
+  return int(math.prod(int(l) for l in levels))

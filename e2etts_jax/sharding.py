@@ -1,0 +1,67 @@
+"""The mesh and THE logical-axis -> mesh-axis rule table (the only place model axis names meet the mesh).
+
+Mesh axes: `data` (pure data parallel), `fsdp` (data parallel with parameters/optimizer state sharded),
+`tensor` (heads / mlp / vocab split). Batches are sharded over (`data`, `fsdp`).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from e2etts_jax import config_lib
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Flax takes the first rule whose mesh axis is not already used in the same array, so an activation's
+# 'act_embed' falls back to replicated when the batch dimension already took 'fsdp'.
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), sizes from the config (-1 = the rest).
+
+  jax.make_mesh orders devices so that the inner axes (tensor, fsdp) stay within fast interconnect
+  (ICI on TPU, NVLink on GPU); across slices/hosts the outer `data` axis is the one crossing DCN.
+  """
+  devices = list(devices) if devices is not None else jax.devices()
+  shape = config_lib.resolve_mesh_shape(mesh_cfg, len(devices))
+  # Auto axes: shardings come from jit's in/out shardings and the logical constraints, not from types.
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh) -> Any:
+  """Maps a tree of logical PartitionSpecs (from `nn.get_partition_spec`) to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_RULES)
+
+
+def param_shardings(abstract_boxed_variables: Any, mesh: Mesh) -> Any:
+  """NamedShardings for a (boxed, possibly abstract) variable tree, from its logical annotations."""
+  return logical_to_sharding(nn.get_partition_spec(abstract_boxed_variables), mesh)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Leading (batch) dimension over (data, fsdp); the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
