@@ -158,7 +158,7 @@ _SIZES = {
         llm={"max_len": 160},
         text={"vocab_size": 64, "max_text_tokens": 48, "max_ctc_len": 160},
         rm={"spk_embed_dim": 16},
-        data={"batch_size": 4, "max_frames": 200, "bucket_boundaries": (50, 100, 200)},
+        data={"batch_size": 4, "max_frames": 200, "max_seconds": 4.0, "bucket_boundaries": (50, 100, 200)},
         train={"steps": (60, 30, 30)},
     ),
     "small": dict(),
