@@ -1,0 +1,35 @@
+"""Shared fixtures: a fresh `tiny` config and deterministic RNGs, so every test is fast and independent."""
+import os
+
+# 8 fake CPU devices for sharding tests; must be set before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import numpy as np
+import pytest
+
+from e2etts_jax import config_lib
+
+
+@pytest.fixture
+def tiny_config():
+  """A fresh, unlocked `tiny` config (tests may change fields freely)."""
+  return config_lib.get_config("tiny")
+
+
+@pytest.fixture
+def rng():
+  return jax.random.key(0)
+
+
+@pytest.fixture
+def np_rng():
+  return np.random.default_rng(0)
+
+
+def sine_wave(seconds: float, sample_rate: int, freq: float = 220.0, seed: int = 0) -> np.ndarray:
+  """A voiced-like test signal: a harmonic tone plus a little noise, [samples] float32."""
+  t = np.arange(int(seconds * sample_rate)) / sample_rate
+  wav = sum(0.3 / k * np.sin(2 * np.pi * freq * k * t) for k in range(1, 5))
+  wav = wav + 0.01 * np.random.default_rng(seed).standard_normal(t.shape)
+  return wav.astype(np.float32)
