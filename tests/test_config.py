@@ -1,0 +1,127 @@
+"""Config: sizes, overrides through absl's config_flags, locking, and one test per validate() rule."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from e2etts_jax import config_lib
+from e2etts_jax.config_lib import ConfigError, validate
+
+
+@pytest.mark.parametrize("size", config_lib.SIZES)
+@pytest.mark.parametrize("mode", config_lib.MODES)
+def test_every_shipped_config_validates(size, mode):
+  validate(config_lib.get_config(size, mode), num_devices=1)
+
+
+def test_config_files_load_and_override_through_absl(tmp_path):
+  script = tmp_path / "show.py"
+  script.write_text(textwrap.dedent("""
+      from absl import app
+      from ml_collections import config_flags
+      _CONFIG = config_flags.DEFINE_config_file("config", lock_config=True)
+      def main(_):
+        c = _CONFIG.value
+        print(c.name, c.train.mode, c.train.stage1.learning_rate, c.llm.num_layers)
+      app.run(main)
+  """))
+  out = subprocess.run([sys.executable, str(script), "--config", "configs/tiny.py:cascaded",
+                        "--config.train.stage1.learning_rate=3e-4", "--config.llm.num_layers=3"],
+                       capture_output=True, text=True, check=True).stdout.split()
+  assert out == ["tiny", "cascaded", "0.0003", "3"]
+
+
+def test_override_typo_fails_and_names_closest_key(tmp_path):
+  script = tmp_path / "show.py"
+  script.write_text("from absl import app\nfrom ml_collections import config_flags\n"
+                    "_C = config_flags.DEFINE_config_file('config', lock_config=True)\n"
+                    "app.run(lambda _: print(_C.value.name))\n")
+  res = subprocess.run([sys.executable, str(script), "--config", "configs/tiny.py",
+                        "--config.train.stage1.learnin_rate=3e-4"], capture_output=True, text=True)
+  assert res.returncode != 0
+  assert "learning_rate" in res.stderr
+
+
+def test_locked_config_rejects_new_keys():
+  c = config_lib.get_config("tiny")
+  c.lock()
+  with pytest.raises(AttributeError, match="d_model"):
+    c.llm.d_modle = 3
+
+
+def test_apply_overrides_parses_types_and_suggests_keys():
+  c = config_lib.get_config("tiny")
+  config_lib.apply_overrides(c, ["train.stage1.steps=7", "train.stage1.learning_rate=1", "model.dtype=bfloat16",
+                                 "tokenizer.fsq_levels=(5,5)"])
+  assert c.train.stage1.steps == 7 and c.train.stage1.learning_rate == 1.0
+  assert isinstance(c.train.stage1.learning_rate, float)
+  assert c.model.dtype == "bfloat16" and c.tokenizer.fsq_levels == (5, 5)
+  with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
+    config_lib.apply_overrides(c, ["train.stage1.learnin_rate=1"])
+
+
+def test_cascaded_keeps_the_step_budget():
+  e2e, cas = config_lib.get_config("small"), config_lib.get_config("small", "cascaded")
+  total = lambda c: sum(c.train[s].steps for s in config_lib.STAGES)
+  assert total(e2e) == total(cas)
+  assert cas.train.stage3.steps == 0
+  assert config_lib.parse_list(cas.train.stage1.trainable) == ("tokenizer", "rm")
+  assert cas.train.stage1.weights.llm == 0 and cas.train.stage1.weights.fm == 0
+
+
+# One test per validate() rule: each breaks exactly one field and checks the message names it.
+RULES = [
+    ("audio.win_length", lambda c: setattr(c.audio, "win_length", c.audio.n_fft + 1), "audio.win_length"),
+    ("audio.fmax", lambda c: setattr(c.audio, "fmax", 9000.0), "Nyquist"),
+    ("token rate", lambda c: setattr(c.audio, "hop_length", 160), "tokenizer.token_rate"),
+    ("fsq levels", lambda c: setattr(c.tokenizer, "fsq_levels", (3, 1)), "tokenizer.fsq_levels"),
+    ("heads", lambda c: setattr(c.llm, "num_heads", 3), "llm.d_model=32 is not divisible by llm.num_heads"),
+    ("kv heads", lambda c: setattr(c.fm, "num_kv_heads", 3), "fm.num_heads=2 is not divisible"),
+    ("head dim odd", lambda c: (setattr(c.rm, "d_model", 6), setattr(c.rm, "num_heads", 2)), "RoPE"),
+    ("dtype", lambda c: setattr(c.model, "dtype", "float16"), "model.dtype"),
+    ("remat", lambda c: setattr(c.model, "remat", "some"), "model.remat"),
+    ("ctc units", lambda c: setattr(c.text, "ctc_units", "phone"), "text.ctc_units"),
+    ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),
+    ("buckets end", lambda c: setattr(c.data, "bucket_boundaries", (50, 100)), "data.max_frames"),
+    ("buckets multiple", lambda c: setattr(c.data, "bucket_boundaries", (51, 100, 200)), "tokenizer.downsample"),
+    ("max seconds", lambda c: setattr(c.data, "max_seconds", 10.0), "data.max_seconds"),
+    ("min seconds", lambda c: setattr(c.data, "min_seconds", 5.0), "data.min_seconds"),
+    ("llm max_len", lambda c: setattr(c.llm, "max_len", 100), "llm.max_len"),
+    ("mode", lambda c: setattr(c.train, "mode", "joint"), "train.mode"),
+    ("trainable", lambda c: setattr(c.train.stage2, "trainable", "llm,flow"), "unknown network 'flow'"),
+    ("steps", lambda c: setattr(c.train.stage1, "steps", -1), "train.stage1.steps"),
+    ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
+    ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
+    ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
+]
+
+
+@pytest.mark.parametrize("name,breaker,message", RULES, ids=[r[0] for r in RULES])
+def test_validate_rule(tiny_config, name, breaker, message):
+  validate(tiny_config, num_devices=1)  # valid before the change
+  breaker(tiny_config)
+  with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    validate(tiny_config, num_devices=1)
+
+
+@pytest.mark.parametrize("mesh,devices,message", [
+    ((4, 1, 1), 8, "= 4 but there are 8 devices"),
+    ((-1, -1, 1), 8, "at most one"),
+    ((-1, 3, 1), 8, "cannot be split"),
+    ((0, 1, 1), 8, "mesh.data=0"),
+])
+def test_validate_mesh_versus_device_count(tiny_config, mesh, devices, message):
+  tiny_config.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh)))
+  with pytest.raises(ConfigError, match=message):
+    validate(tiny_config, num_devices=devices)
+
+
+def test_validate_batch_versus_data_parallel(tiny_config):
+  tiny_config.data.batch_size = 6
+  tiny_config.mesh.update(data=-1, fsdp=1, tensor=1)
+  with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible"):
+    validate(tiny_config, num_devices=4)
+  tiny_config.mesh.update(data=-1, fsdp=1, tensor=2)   # 2-way data parallel: 6 is fine
+  validate(tiny_config, num_devices=4)
+  assert config_lib.resolve_mesh_shape(tiny_config.mesh, 4) == (2, 1, 2)

@@ -1,0 +1,106 @@
+"""Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype policies."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from e2etts_jax.models import layers as L
+
+
+def _cfg(**kw):
+  base = dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+  base.update(kw)
+  return L.TransformerConfig(**base)
+
+
+def _init(cfg, x, valid, **kw):
+  m = L.Transformer(cfg)
+  return m, nn.unbox(m.init(jax.random.key(1), x, valid, **kw))
+
+
+def test_kv_cache_matches_full_forward():
+  cfg = _cfg(causal=True)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+  valid = jnp.ones((2, 9), bool)
+  m, v = _init(cfg, x, valid)
+  full, _ = m.apply(v, x, valid)
+  cache, kv_valid = L.init_cache(cfg, 2, 12), jnp.zeros((2, 12), bool)
+  # Prefill 4 positions at once, then decode one at a time.
+  kv_valid = kv_valid.at[:, :4].set(True)
+  out0, cache = m.apply(v, x[:, :4], valid[:, :4], positions=jnp.broadcast_to(jnp.arange(4), (2, 4)),
+                        cache=cache, cache_index=jnp.int32(0), kv_valid=kv_valid)
+  outs = [out0]
+  for i in range(4, 9):
+    kv_valid = kv_valid.at[:, i].set(True)
+    o, cache = m.apply(v, x[:, i:i + 1], valid[:, i:i + 1], positions=jnp.full((2, 1), i), cache=cache,
+                       cache_index=jnp.int32(i), kv_valid=kv_valid)
+    outs.append(o)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+
+
+def test_causal_future_does_not_change_past():
+  cfg = _cfg(causal=True)
+  x = jax.random.normal(jax.random.key(0), (1, 8, 32))
+  valid = jnp.ones((1, 8), bool)
+  m, v = _init(cfg, x, valid)
+  y1, _ = m.apply(v, x, valid)
+  y2, _ = m.apply(v, x.at[:, 5:].set(7.0), valid)
+  np.testing.assert_array_equal(y1[:, :5], y2[:, :5])
+  assert not np.allclose(y1[:, 5:], y2[:, 5:])
+
+
+def test_bidirectional_padding_invariance():
+  cfg = _cfg()
+  x = jax.random.normal(jax.random.key(0), (1, 6, 32))
+  m, v = _init(cfg, x, jnp.ones((1, 6), bool))
+  y, _ = m.apply(v, x, jnp.ones((1, 6), bool))
+  xp = jnp.concatenate([x, 100 * jnp.ones((1, 3, 32))], 1)
+  yp, _ = m.apply(v, xp, jnp.arange(9)[None] < 6)
+  np.testing.assert_allclose(yp[:, :6], y, atol=1e-5)
+
+
+def test_adaln_zero_blocks_start_as_identity():
+  cfg = _cfg(adaln=True, num_kv_heads=4)
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  valid = jnp.ones((2, 5), bool)
+  cond = jax.random.normal(jax.random.key(2), (2, 32))
+  m, v = _init(cfg, x, valid, cond=cond)
+  y, _ = m.apply(v, x, valid, cond=cond)
+  norm = L.RMSNorm().apply({"params": {"scale": jnp.ones(32)}}, x)
+  np.testing.assert_allclose(y, norm, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_identical_gradients(remat):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  valid = jnp.ones((2, 5), bool)
+  m0, v = _init(_cfg(causal=True), x, valid)
+  m1 = L.Transformer(_cfg(causal=True, remat=remat))
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, valid)[0] ** 2))(v)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(m0), grad(m1))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = _cfg(dtype=jnp.bfloat16)
+  x = jax.random.normal(jax.random.key(0), (1, 4, 32))
+  m, v = _init(cfg, x, jnp.ones((1, 4), bool))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(v))
+  y, _ = m.apply(v, x, jnp.ones((1, 4), bool))
+  assert y.dtype == jnp.bfloat16
+
+
+def test_params_are_annotated_with_logical_axes():
+  x = jnp.zeros((1, 4, 32))
+  boxed = L.Transformer(_cfg()).init(jax.random.key(0), x, jnp.ones((1, 4), bool))
+  specs = jax.tree.leaves(nn.get_partition_spec(boxed), is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+  assert specs and all(len(s) and s[0] in ("layers", "norm") for s in specs)
+  assert ("layers", "embed", "mlp") in [tuple(s) for s in specs]
+
+
+def test_attention_mask_and_helpers():
+  q = jnp.array([[True, True, False]])
+  m = L.attention_mask(q, q, causal=True)
+  np.testing.assert_array_equal(m[0, 0], [[1, 0, 0], [1, 1, 0], [0, 0, 0]])
+  np.testing.assert_array_equal(L.length_mask(jnp.array([0, 2]), 3), [[0, 0, 0], [1, 1, 0]])
+  assert float(L.masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))) == 2.0
