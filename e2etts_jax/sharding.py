@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from e2etts_jax import config_lib
@@ -53,9 +54,41 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh) -> Any:
   return nn.logical_to_mesh_sharding(logical_tree, mesh, LOGICAL_RULES)
 
 
+def logical_specs(boxed_tree: Any) -> Any:
+  """Logical PartitionSpecs of a boxed tree: annotated leaves give their names, other leaves P().
+
+  Unlike `nn.get_partition_spec`, empty subtrees (optax's MaskedNode for masked or frozen parameters) stay
+  empty, so the result has exactly the structure of the unboxed tree.
+  """
+  def spec(x):
+    inner = x.value if isinstance(x, nn.Partitioned) else x
+    if isinstance(inner, optax.MaskedNode):   # masked optimizer slots come boxed around an empty node
+      return optax.MaskedNode()
+    return x.get_partition_spec() if isinstance(x, nn.Partitioned) else P()
+  return jax.tree.map(spec, boxed_tree, is_leaf=lambda x: isinstance(x, (nn.Partitioned, optax.MaskedNode)))
+
+
+def _fit(sharding: NamedSharding, shape: tuple[int, ...]) -> NamedSharding:
+  """Drops mesh axes from dimensions they do not divide (e.g. 2 KV heads on a 4-way tensor axis): such a
+  dimension is replicated instead of failing, the standard fallback for small or odd-sized layers."""
+  sizes = dict(sharding.mesh.shape)
+  fitted = []
+  for dim, axes in zip(shape, tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    kept = tuple(a for a in names if dim % sizes[a] == 0)
+    total = 1
+    for a in kept:
+      total *= sizes[a]
+    fitted.append(None if not kept or dim % total else (kept[0] if len(kept) == 1 else kept))
+  return NamedSharding(sharding.mesh, P(*fitted))
+
+
 def param_shardings(abstract_boxed_variables: Any, mesh: Mesh) -> Any:
   """NamedShardings for a (boxed, possibly abstract) variable tree, from its logical annotations."""
-  return logical_to_sharding(nn.get_partition_spec(abstract_boxed_variables), mesh)
+  shardings = logical_to_sharding(logical_specs(abstract_boxed_variables), mesh)
+  shapes = jax.tree.map(lambda x: x, nn.unbox(abstract_boxed_variables))
+  return jax.tree.map(lambda s, x: _fit(s, x.shape), shardings, shapes,
+                      is_leaf=lambda x: isinstance(x, NamedSharding))
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:

@@ -1,0 +1,45 @@
+"""e2etts-train: train the configured stages in a workdir (resumes automatically).
+
+  e2etts-train --config configs/small.py --workdir runs/small --config.train.stage1.steps=2000
+  e2etts-train --config configs/small.py:cascaded --workdir runs/small-cascaded
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Config file (path[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and run files.", required=True)
+_STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this many global steps.")
+_DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                                 "jax.distributed.initialize: auto = when SLURM/E2ETTS_COORDINATOR say multi-host.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  from e2etts_jax import distributed
+  if distributed.wanted(_DISTRIBUTED.value):
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from e2etts_jax import config_lib, trainer
+  config = _CONFIG.value
+  try:
+    import jax
+    config_lib.validate(config, jax.device_count())
+  except config_lib.ConfigError as e:
+    raise app.UsageError(f"bad config: {e}")
+  result = trainer.train(config, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+  state = "preempted, checkpoint saved" if result.preempted else "done"
+  logging.info("%s at global step %d (stage %s); workdir %s", state, result.global_step, result.stage,
+               _WORKDIR.value)
+  print(f"[e2etts-train] {state}: step {result.global_step}, stage {result.stage}, workdir {_WORKDIR.value}")
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

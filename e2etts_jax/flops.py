@@ -1,0 +1,57 @@
+"""Analytic FLOP counts of the networks and of each stage's joint step (for MFU = FLOPs / time / peak).
+
+Counts matrix multiplies only (2 FLOPs per multiply-add): projections, MLPs, AdaLN, attention scores and
+mixing, and the output heads. A network that trains costs 3x its forward (forward + grads w.r.t. inputs and
+weights); a frozen network that gradients pass through costs 2x; a forward-only one 1x.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from e2etts_jax import objectives
+from e2etts_jax.system import DataInfo
+
+
+def transformer_flops(net_cfg, batch: int, length: int, adaln: bool = False, causal: bool = False) -> float:
+  d, h, kv, mlp = net_cfg.d_model, net_cfg.num_heads, net_cfg.num_kv_heads, net_cfg.mlp_dim
+  hd = d // h
+  per_token = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * mlp + (6 * d * d if adaln else 0)
+  attn = 2 * length * length * h * hd * (0.5 if causal else 1.0)   # QK^T and AV per sequence
+  return float(net_cfg.num_layers * batch * (2 * per_token * length + 2 * attn))
+
+
+def network_forward_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, frames: int) -> dict:
+  c = config
+  tokens = frames // c.tokenizer.downsample
+  codebook = 1
+  for l in c.tokenizer.fsq_levels:
+    codebook *= int(l)
+  llm_len = c.text.max_text_tokens + tokens + 3
+  tok = transformer_flops(c.tokenizer, batch, tokens) + 2 * batch * tokens * (
+      c.tokenizer.downsample * c.audio.n_mels * c.tokenizer.d_model)
+  llm = transformer_flops(c.llm, batch, llm_len, causal=True) + 2 * batch * tokens * c.llm.d_model * (codebook + 1)
+  fm = transformer_flops(c.fm, batch, frames, adaln=True) + 2 * batch * frames * c.fm.d_model * 3 * c.audio.n_mels
+  up = c.rm.ctc_upsample
+  rm = transformer_flops(c.rm, batch, tokens) + 2 * batch * tokens * up * c.rm.d_model * info.num_ctc_classes
+  return {"tokenizer": tok, "llm": llm, "fm": fm, "rm": rm}
+
+
+def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, frames: int, stage: str) -> float:
+  """Analytic FLOPs of one joint step of `stage`, mirroring which networks `objectives.loss_fn` runs."""
+  fwd = network_forward_flops(config, info, batch, frames)
+  trainable, w = objectives.stage_spec(config, stage)
+  e2e = any(w[t] for t in objectives.E2E_TERMS)
+  mult = lambda net, through: 3.0 if net in trainable else (2.0 if through else 1.0)
+  tok_through = "tokenizer" in trainable
+  total = fwd["tokenizer"] * (3.0 if tok_through else 1.0)
+  if w["rm"] or w["fm"] or w["e2e_fm"]:
+    total += fwd["rm"] * mult("rm", tok_through and w["rm"] > 0)
+  if w["fm"]:
+    total += fwd["fm"] * mult("fm", tok_through)
+  if w["llm"] or e2e:
+    total += fwd["llm"] * mult("llm", tok_through)
+  if w["e2e_fm"]:
+    total += fwd["fm"] * mult("fm", True)
+  if w["e2e_asr"] or w["e2e_spk"]:
+    total += fwd["rm"] * mult("rm", True)
+  return total

@@ -1,0 +1,79 @@
+"""Metrics out of the train loop: TensorBoard scalars/images/audio, a JSONL log, and loss-curve pictures.
+
+Only process 0 writes; other processes get a writer that does nothing.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
+    self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in values.items()}
+    for k, v in clean.items():
+      self._tb.add_scalar(f"{prefix}/{k}", v, step)
+    self._jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
+    self._jsonl.flush()
+
+  def image(self, step: int, tag: str, figure) -> None:
+    if self.enabled:
+      self._tb.add_figure(tag, figure, step)
+
+  def audio(self, step: int, tag: str, wav: np.ndarray, sample_rate: int) -> None:
+    if self.enabled:
+      self._tb.add_audio(tag, np.asarray(wav, np.float32)[None], step, sample_rate=sample_rate)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def read_metrics(workdir: str, split: str = "train") -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return [r for r in rows if r.get("split") == split]
+
+
+def plot_loss_curves(workdir: str, out_path: str | None = None) -> str:
+  """Draws every `loss/*` series of metrics.jsonl into one picture (a panel per term); returns its path."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows = read_metrics(workdir)
+  keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
+  out_path = out_path or os.path.join(workdir, "loss_curves.png")
+  cols = max(1, min(4, len(keys)))
+  n_rows = max(1, -(-len(keys) // cols))
+  fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    pts = [(r["step"], r[key]) for r in rows if key in r]
+    ax.plot(*zip(*pts))
+    ax.set_title(key)
+    ax.set_xlabel("step")
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis("off")
+  fig.tight_layout()
+  fig.savefig(out_path, dpi=80)
+  plt.close(fig)
+  return out_path

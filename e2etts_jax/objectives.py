@@ -1,0 +1,114 @@
+"""The training objectives of each stage, as one pure loss function of (params, batch, rng).
+
+Stage 1 (joint): the tokenizer's straight-through codes feed the LLM (next-token), RM (multi-recognition) and FM
+  (reconstruction): L = w_llm * L_LLM + w_rm * L_RM + w_fm * L_FM, each sending gradient into the tokenizer.
+Stage 2 (refine): same terms over frozen tokens; networks are disjoint, so the sum trains each on its own loss.
+Stage 3 (E2E): the LLM's teacher-forced speech logits -> Gumbel-softmax (straight-through) -> token one-hots ->
+  code vectors that feed the frozen FM (reconstruct the target mel) and the frozen RM (CTC on the input text,
+  speaker), beside next-token loss. Frozen networks see `stop_gradient` params, so no gradient reaches them.
+The cascaded baseline is the same function with other weights/trainable sets (see config_lib.make_cascaded).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from e2etts_jax import config_lib
+from e2etts_jax.models import flow_matching, fsq as fsq_lib, llm as llm_lib, reward
+from e2etts_jax.system import System
+
+E2E_TERMS = ("e2e_fm", "e2e_asr", "e2e_spk")
+
+
+def gumbel_softmax_st(rng: jax.Array, logits: jax.Array, tau: float) -> jax.Array:
+  """Straight-through Gumbel-softmax: one-hot samples forward, softmax((logits + g) / tau) gradient backward.
+
+  logits: [..., K] -> [..., K] float32 (exact one-hots in the forward pass).
+  """
+  g = jax.random.gumbel(rng, logits.shape, jnp.float32)
+  soft = jax.nn.softmax((logits.astype(jnp.float32) + g) / tau, axis=-1)
+  hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
+  return hard + soft - jax.lax.stop_gradient(soft)
+
+
+def stage_spec(config: ml_collections.ConfigDict, stage: str) -> tuple[frozenset, dict]:
+  s = config.train[stage]
+  return frozenset(config_lib.parse_list(s.trainable)), {k: float(s.weights[k]) for k in config_lib.LOSS_TERMS}
+
+
+def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage: str) -> tuple[jax.Array, dict]:
+  """Total weighted loss of `stage` and its metrics (every term, code usage, accuracies).
+
+  params: {'tokenizer', 'llm', 'fm', 'rm'} (unboxed); batch: the input pipeline's dict (see input_pipeline).
+  Terms with weight 0 are not computed at all (their networks are not even run unless another term needs them).
+  """
+  config = system.config
+  trainable, w = stage_spec(config, stage)
+  p = {n: params[n] if n in trainable else jax.lax.stop_gradient(params[n]) for n in params}
+  rng_fm, rng_gumbel, rng_e2e_fm = jax.random.split(rng, 3)
+  metrics: dict[str, jax.Array] = {}
+  total = jnp.zeros((), jnp.float32)
+
+  tok = system.tokenizer.apply({"params": p["tokenizer"]}, batch["mel"], batch["mel_mask"])
+  codes, indices, tmask = tok["codes"], tok["indices"], tok["mask"]
+  if "tokenizer" not in trainable:
+    codes = jax.lax.stop_gradient(codes)
+  usage = fsq_lib.code_usage(indices, tmask, system.fsq.codebook_size)
+  metrics.update({f"codes/{k}": v for k, v in usage.items()})
+
+  rm_apply = lambda c, m: system.rm.apply({"params": p["rm"]}, c, m)
+  labels = (batch["ctc_ids"], batch["ctc_mask"], batch["speaker"], batch["aux"])
+
+  rm_out = None
+  if w["rm"] or w["fm"] or w["e2e_fm"]:
+    rm_out = rm_apply(codes, tmask)
+  if w["rm"]:
+    rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm)
+    total += w["rm"] * rm_total
+    metrics["loss/rm"] = rm_total
+    metrics.update({f"rm/{k}": v for k, v in rm_metrics.items()})
+
+  # The FM's speaker condition is the RM's embedding of the ground-truth tokens; it is a condition, not a target,
+  # so it is detached (the RM learns speakers from its own loss).
+  spk = None if rm_out is None else jax.lax.stop_gradient(rm_out["spk_embed"])
+  fm_apply = lambda *a: system.fm.apply({"params": p["fm"]}, *a)
+  if w["fm"]:
+    fm_total, fm_metrics = flow_matching.fm_loss(fm_apply, rng_fm, batch["mel"], batch["mel_mask"], codes, tmask,
+                                                 spk, config.fm)
+    total += w["fm"] * fm_total
+    metrics["loss/fm"] = fm_total
+    metrics.update({f"fm/{k}": v for k, v in fm_metrics.items()})
+
+  if w["llm"] or any(w[t] for t in E2E_TERMS):
+    logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes, tmask)
+    llm_total, llm_metrics = llm_lib.llm_loss(logits, indices, tmask)
+    metrics["loss/llm"] = llm_total
+    metrics.update({f"llm/{k}": v for k, v in llm_metrics.items()})
+    total += w["llm"] * llm_total
+
+    if any(w[t] for t in E2E_TERMS):
+      # Teacher-forced distribution over speech tokens at each speech position (eos column and eos position
+      # dropped), sampled differentiably into code vectors: onehot @ codebook.
+      num_tokens = codes.shape[1]
+      speech_logits = logits[:, :num_tokens, :system.fsq.codebook_size]
+      onehots = gumbel_softmax_st(rng_gumbel, speech_logits, config.train.gumbel_tau)
+      e2e_codes = onehots @ system.fsq.codebook().astype(onehots.dtype)
+      e2e_codes = e2e_codes * tmask[..., None]
+      agree = (jnp.argmax(onehots, -1) == indices) & tmask
+      metrics["e2e/token_agreement"] = jnp.sum(agree) / jnp.maximum(jnp.sum(tmask), 1)
+      if w["e2e_fm"]:
+        # No CFG dropout here: a dropped row would carry no gradient to the LLM.
+        e2e_fm_cfg = ml_collections.ConfigDict(config.fm.to_dict())
+        e2e_fm_cfg.cfg_drop = 0.0
+        e2e_fm, _ = flow_matching.fm_loss(fm_apply, rng_e2e_fm, batch["mel"], batch["mel_mask"], e2e_codes, tmask,
+                                          spk, e2e_fm_cfg)
+        total += w["e2e_fm"] * e2e_fm
+        metrics["loss/e2e_fm"] = e2e_fm
+      if w["e2e_asr"] or w["e2e_spk"]:
+        terms = reward.rm_loss_terms(rm_apply(e2e_codes, tmask), *labels)
+        total += w["e2e_asr"] * terms["asr"] + w["e2e_spk"] * terms["spk"]
+        metrics["loss/e2e_asr"], metrics["loss/e2e_spk"] = terms["asr"], terms["spk"]
+
+  metrics["loss/total"] = total
+  return total, metrics

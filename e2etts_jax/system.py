@@ -1,0 +1,106 @@
+"""The four networks as one system: module definitions, their parameter tree, and dummy inputs for init.
+
+Parameters are a dict {'tokenizer', 'llm', 'fm', 'rm'} of each network's `params` collection, so optimizers,
+freezing and checkpoints address networks by name.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from e2etts_jax import config_lib
+from e2etts_jax.models.flow_matching import FlowMatchingDecoder
+from e2etts_jax.models.fsq import FSQ
+from e2etts_jax.models.llm import SpeechLLM
+from e2etts_jax.models.reward import RewardModel
+from e2etts_jax.models.tokenizer import SpeechTokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class DataInfo:
+  """What the networks need to know about the prepared data (vocabularies and label sets)."""
+  text_vocab_size: int
+  num_ctc_classes: int
+  num_speakers: int
+  num_aux: int
+
+  def save(self, path: str) -> None:
+    with open(path, "w") as f:
+      json.dump(dataclasses.asdict(self), f, indent=1)
+
+  @classmethod
+  def load(cls, path: str) -> "DataInfo":
+    with open(path) as f:
+      return cls(**json.load(f))
+
+  @classmethod
+  def for_config(cls, config: ml_collections.ConfigDict, num_speakers: int | None = None) -> "DataInfo":
+    """Sizes from the config alone (tests, benchmarks, `jax.eval_shape` parameter counts)."""
+    from e2etts_jax import text
+    return cls(text_vocab_size=config.text.vocab_size, num_ctc_classes=text.ctc_vocab_size(config),
+               num_speakers=num_speakers or config.rm.num_speakers,
+               num_aux=len(config_lib.parse_list(config.rm.aux_tasks)))
+
+
+class System:
+  """Holds the module definitions (no parameters) of tokenizer, LLM, flow-matching decoder and reward model."""
+
+  def __init__(self, config: ml_collections.ConfigDict, info: DataInfo):
+    self.config, self.info = config, info
+    self.fsq = FSQ(tuple(config.tokenizer.fsq_levels))
+    self.tokenizer = SpeechTokenizer(config)
+    self.llm = SpeechLLM(config, text_vocab_size=info.text_vocab_size)
+    self.fm = FlowMatchingDecoder(config)
+    self.rm = RewardModel(config, num_ctc_classes=info.num_ctc_classes, num_speakers=info.num_speakers,
+                          num_aux=info.num_aux)
+
+  def dummy_batch(self, batch_size: int = 1, frames: int | None = None) -> dict:
+    """Zeros in the batch format of `input_pipeline` (only shapes matter: used for init and tracing)."""
+    c = self.config
+    frames = frames or c.data.bucket_boundaries[0]
+    return {
+        "mel": jnp.zeros((batch_size, frames, c.audio.n_mels), jnp.float32),
+        "mel_mask": jnp.ones((batch_size, frames), bool),
+        "text_ids": jnp.ones((batch_size, c.text.max_text_tokens), jnp.int32),
+        "text_mask": jnp.ones((batch_size, c.text.max_text_tokens), bool),
+        "ctc_ids": jnp.ones((batch_size, c.text.max_ctc_len), jnp.int32),
+        "ctc_mask": jnp.ones((batch_size, c.text.max_ctc_len), bool),
+        "speaker": jnp.zeros((batch_size,), jnp.int32),
+        "aux": jnp.zeros((batch_size, self.info.num_aux), jnp.int32),
+        "valid": jnp.ones((batch_size,), bool),
+    }
+
+  def init(self, rng: jax.Array) -> dict:
+    """Boxed (logically annotated) parameters {'tokenizer', 'llm', 'fm', 'rm'}; wrap in eval_shape to size."""
+    b = self.dummy_batch()
+    r_tok, r_llm, r_fm, r_rm = jax.random.split(rng, 4)
+    d = self.fsq.dim
+    frames = b["mel"].shape[1]
+    tokens = frames // self.config.tokenizer.downsample
+    codes = jnp.zeros((1, tokens, d))
+    code_mask = jnp.ones((1, tokens), bool)
+    spk = jnp.zeros((1, self.config.rm.spk_embed_dim))
+    return {
+        "tokenizer": self.tokenizer.init(r_tok, b["mel"], b["mel_mask"])["params"],
+        "llm": self.llm.init(r_llm, b["text_ids"], b["text_mask"], codes, code_mask)["params"],
+        "fm": self.fm.init(r_fm, b["mel"], jnp.zeros((1,)), codes, code_mask, b["mel"], spk,
+                           b["mel_mask"])["params"],
+        "rm": self.rm.init(r_rm, codes, code_mask)["params"],
+    }
+
+
+def parameter_counts(config: ml_collections.ConfigDict, info: DataInfo | None = None) -> dict[str, int]:
+  """Per-network parameter counts from `jax.eval_shape` (nothing is allocated)."""
+  info = info or DataInfo.for_config(config)
+  abstract = jax.eval_shape(System(config, info).init, jax.random.key(0))
+  return {name: sum(x.size for x in jax.tree.leaves(tree)) for name, tree in abstract.items()}
+
+
+def save_data_info(workdir: str, info: DataInfo) -> None:
+  os.makedirs(workdir, exist_ok=True)
+  info.save(os.path.join(workdir, "data_info.json"))

@@ -1,0 +1,104 @@
+"""Train state, its shardings from logical annotations, and the one jit-compiled joint update step.
+
+The state is built MaxText-style: `jax.eval_shape` of the boxed init gives the abstract state, its logical
+annotations give NamedShardings through the single rule table, and a jit with those out_shardings materialises
+it already sharded. The step is `jax.jit` with explicit in/out shardings and the state donated.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from e2etts_jax import objectives, sharding
+from e2etts_jax.system import System
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array            # steps taken in the current stage (drives the LR schedule)
+  params: Any                # {'tokenizer', 'llm', 'fm', 'rm'}
+  opt_state: Any
+  bad_steps: jax.Array       # consecutive non-finite steps (skipped updates)
+  total_bad_steps: jax.Array
+
+
+def _boxed_state(system: System, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> TrainState:
+  params = system.init(rng) if params is None else params
+  zero = jnp.zeros((), jnp.int32)
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), bad_steps=zero, total_bad_steps=zero)
+
+
+def state_shardings(system: System, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:
+  """(abstract state with shardings attached, NamedSharding tree) — no parameter is allocated."""
+  boxed = jax.eval_shape(functools.partial(_boxed_state, system, tx), jax.random.key(0))
+  shard_tree = sharding.param_shardings(boxed, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+                          shard_tree)
+  return abstract, shard_tree
+
+
+def create_train_state(system: System, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
+                       params: Any = None) -> tuple[TrainState, TrainState]:
+  """A fresh sharded state (new params from `rng`, or the given `params` with a fresh optimizer)."""
+  _, shard_tree = state_shardings(system, tx, mesh)
+  if params is None:
+    init = jax.jit(lambda r: nn.unbox(_boxed_state(system, tx, r)), out_shardings=shard_tree)
+    return init(rng), shard_tree
+  # Carry params into a new stage: re-place them (the rule table is the same) and build the new optimizer state.
+  params = jax.device_put(params, shard_tree.params)
+  opt_init = jax.jit(tx.init, out_shardings=shard_tree.opt_state)
+  zero = jnp.zeros((), jnp.int32)
+  rep = sharding.replicated(mesh)
+  z = lambda: jax.device_put(zero, rep)
+  return TrainState(step=z(), params=params, opt_state=opt_init(params), bad_steps=z(), total_bad_steps=z()), \
+      shard_tree
+
+
+def global_norm_per_network(grads: dict) -> dict:
+  return {n: optax.global_norm(g) for n, g in grads.items()}
+
+
+def make_train_step(system: System, tx: optax.GradientTransformation, stage: str, mesh: Mesh,
+                    shard_tree: TrainState, batch_example: dict) -> Callable:
+  """jit(step)(state, batch, rng) -> (state, metrics). Non-finite loss/grads skip the update and are counted."""
+  loss = functools.partial(objectives.loss_fn, system=system, stage=stage)
+  trainable = objectives.stage_spec(system.config, stage)[0]
+
+  def step(state: TrainState, batch: dict, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state.step)
+    (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, rng)
+    norms = global_norm_per_network(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ok = jnp.isfinite(total) & jnp.all(jnp.stack([jnp.isfinite(v) for v in norms.values()]))
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
+        total_bad_steps=state.total_bad_steps + (~ok).astype(jnp.int32))
+    metrics.update({f"grad_norm/{n}": norms[n] for n in trainable})
+    metrics["skipped"] = (~ok).astype(jnp.float32)
+    return new_state, metrics
+
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
+  rep = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(shard_tree, batch_sh, rep), out_shardings=(shard_tree, rep),
+                 donate_argnums=(0,))
+
+
+def make_eval_step(system: System, stage: str, mesh: Mesh, params_shardings: Any, batch_example: dict) -> Callable:
+  """jit(eval)(params, batch, rng) -> metrics of the stage's loss function, no update."""
+  def evaluate(params, batch, rng):
+    _, metrics = objectives.loss_fn(params, batch, rng, system=system, stage=stage)
+    return metrics
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
+  rep = sharding.replicated(mesh)
+  return jax.jit(evaluate, in_shardings=(params_shardings, batch_sh, rep), out_shardings=rep)

@@ -1,0 +1,216 @@
+"""The train loop, big_vision style and linear: mesh -> input -> state (restored or new) -> stages of updates.
+
+`train(config, workdir)` runs the configured stages (E2E: 1 -> 2 -> 3; cascaded: recognition tokenizer -> separate
+training), checkpointing params, optimizer, step, data-iterator state and metadata with Orbax, resuming from the
+latest checkpoint automatically (also onto another mesh), saving and exiting cleanly on SIGTERM, skipping
+non-finite updates and aborting after `train.max_bad_steps` in a row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from e2etts_jax import (checkpoint, config_lib, flops, input_pipeline, metric_writer, optim, perf, sharding,
+                        train_step)
+from e2etts_jax.system import DataInfo, System
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  state: Any                      # the final TrainState (params of all four networks)
+  system: System
+  global_step: int
+  stage: str
+  history: list[dict]             # one dict of host metrics per logged step
+  preempted: bool = False
+
+
+def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
+  """[(stage, first global step, steps)] for the stages with steps > 0, in order."""
+  plan, offset = [], 0
+  for stage in config_lib.STAGES:
+    steps = config.train[stage].steps
+    if steps > 0:
+      plan.append((stage, offset, steps))
+      offset += steps
+  return plan
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so the step in flight finishes and a checkpoint is written."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no handler, nothing to restore
+      self._old = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def write_run_files(workdir: str, config: ml_collections.ConfigDict, info: DataInfo) -> None:
+  """The config, data info and sentencepiece model beside the checkpoints, so a workdir is self-contained."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+  info.save(os.path.join(workdir, "data_info.json"))
+  spm = os.path.join(config.data.shards, "spm.model")
+  if os.path.exists(spm):
+    shutil.copyfile(spm, os.path.join(workdir, "spm.model"))
+
+
+def _host(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Optional[int] = None,
+          progress: bool = True, mesh=None) -> TrainResult:
+  """Trains the stages of `config` in `workdir` (resuming if it holds checkpoints).
+
+  stop_after: stop once this many global steps are done (checkpointing there), e.g. to test resumption.
+  """
+  config_lib.validate(config, jax.device_count())
+  mesh = mesh or sharding.make_mesh(config.mesh)
+  info = input_pipeline.dataset_info(config.data.shards, config)
+  write_run_files(workdir, config, info)
+  system = System(config, info)
+  rng = jax.random.key(config.seed)
+  train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                                 config.train.keep_checkpoints)
+  writer = metric_writer.MetricWriter(workdir)
+  plan = stage_plan(config)
+  if not plan:
+    raise TrainingError("every stage has 0 steps: nothing to train (set train.stageN.steps)")
+  total_steps = plan[-1][1] + plan[-1][2]
+
+  # Resume: the latest checkpoint says which stage and step we are in.
+  state, start_global, shard_tree = None, 0, None
+  latest = ckpt.latest_step()
+  if latest is not None:
+    meta = ckpt.restore_meta(latest)
+    stage = meta["stage"]
+    abstract, shard_tree = train_step.state_shardings(system, optim.make_optimizer(config, stage), mesh)
+    state, _ = ckpt.restore(latest, abstract, train_iter)
+    start_global = latest
+    log.info("resumed from %s step %d (stage %s)", ckpt.directory, latest, stage)
+
+  peak = perf.matmul_peak_flops()
+  history: list[dict] = []
+  bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
+             desc="train", unit="step", dynamic_ncols=True)
+  global_step, stage = start_global, plan[0][0]
+  with _Preemption() as preemption:
+    for stage, first, steps in plan:
+      if global_step >= first + steps:
+        continue   # finished before the restart
+      tx = optim.make_optimizer(config, stage)
+      if state is None:
+        state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
+      elif global_step == first:   # entering a new stage: keep params, fresh optimizer for its networks
+        state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
+      step_fns: dict = {}
+      logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
+      for _ in range(global_step - first, steps):
+        batch = next(train_iter)
+        frames = batch["mel"].shape[1]
+        if frames not in step_fns:   # one compile per bucket length
+          step_fns[frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
+        state, metrics = step_fns[frames](state, batch, rng)
+        metrics["bad_steps"] = state.bad_steps
+        global_step += 1
+        bar.update(1)
+        # Metrics are read one step late, so the host never waits on the step it just dispatched.
+        logger.push((global_step, metrics, batch["mel"].shape[0], frames))
+        meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
+        stopping = preemption.requested or (stop_after is not None and global_step >= stop_after)
+        ckpt.save(global_step, state, train_iter, meta, force=global_step == first + steps or stopping)
+        if stopping:
+          break
+      logger.flush()
+      if preemption.requested or (stop_after is not None and global_step >= stop_after):
+        break
+  bar.close()
+  ckpt.close()
+  if writer.enabled and history:
+    metric_writer.plot_loss_curves(workdir)
+  writer.close()
+  return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
+                     preempted=preemption.requested)
+
+
+class _StepLogger:
+  """Reads each step's metrics one step late, checks the non-finite counter, and logs every `log_every` steps
+  (and a stage's last step) with throughput and MFU measured over the steps since the previous log."""
+
+  def __init__(self, writer, config, info, stage, first, steps, peak, bar, history, ckpt_dir):
+    self.writer, self.config, self.info, self.stage = writer, config, info, stage
+    self.first, self.last = first, first + steps
+    self.peak, self.bar, self.history, self.ckpt_dir = peak, bar, history, ckpt_dir
+    self.lr = optim.schedule(config, stage)
+    self.pending = None
+    self.t_mark, self.step_mark = time.perf_counter(), None
+
+  def push(self, item) -> None:
+    if self.pending is not None:
+      self._process(self.pending)
+    self.pending = item
+
+  def flush(self) -> None:
+    if self.pending is not None:
+      self._process(self.pending)
+      self.pending = None
+
+  def _process(self, item) -> None:
+    step, metrics, batch, frames = item
+    host = _host(metrics)
+    if host["bad_steps"] >= self.config.train.max_bad_steps:
+      raise TrainingError(
+          f"{int(host['bad_steps'])} consecutive steps had a non-finite loss or gradient (stage {self.stage}, "
+          f"step {step}); their updates were skipped and the last good checkpoint in {self.ckpt_dir} is intact. "
+          f"Lower train.{self.stage}.learning_rate or check the data.")
+    if self.step_mark is None:   # the first step includes compilation: start timing after it
+      self.t_mark, self.step_mark = time.perf_counter(), step
+      return
+    if step % self.config.train.log_every and step != self.last:
+      return
+    now = time.perf_counter()
+    steps_per_s = (step - self.step_mark) / max(now - self.t_mark, 1e-9)
+    self.t_mark, self.step_mark = now, step
+    host.update(
+        step=step, steps_per_s=steps_per_s, lr=float(self.lr(step - self.first)),
+        tokens_per_s=steps_per_s * batch * frames / self.config.tokenizer.downsample,
+        audio_s_per_s=steps_per_s * batch * frames * self.config.audio.hop_length / self.config.audio.sample_rate,
+        mfu=flops.step_flops(self.config, self.info, batch, frames, self.stage) * steps_per_s / self.peak)
+    self.writer.scalars(step, host)
+    self.history.append({"stage": self.stage, **host})
+    self.bar.set_postfix(stage=self.stage, loss=f"{host['loss/total']:.3f}", sps=f"{steps_per_s:.2f}")
