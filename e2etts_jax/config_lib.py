@@ -79,6 +79,7 @@ def base_config() -> ml_collections.ConfigDict:
       "prefetch": 2,
       "shuffle_seed": 0,
       "num_shards": 8,
+      "test_fraction": 0.05,      # held out (deterministically, by id hash) where the corpus has no split
   })
 
   c.model = ml_collections.ConfigDict({

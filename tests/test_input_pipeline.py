@@ -1,0 +1,233 @@
+"""The Grain pipeline: batch contract, determinism, exact resume through Orbax, process sharding, bucketing."""
+import json
+import os
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import soundfile as sf
+
+from tests.conftest import sine_wave
+from e2etts_jax import config_lib, input_pipeline, prepare, sharding
+
+SR = 16000
+NUM_TRAIN = 44
+NUM_TEST = 5
+WORDS = "the a cat dog sun red big old sea sky tree".split()
+
+
+def _config(shards):
+  c = config_lib.get_config("tiny")
+  c.data.shards = str(shards)
+  c.data.batch_size = 8  # one row per fake device
+  return c
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pipeline_corpus")
+  rng = np.random.default_rng(0)
+  os.makedirs(root / "wavs")
+  rows = []
+  for i in range(NUM_TRAIN + NUM_TEST):
+    sec = float(rng.uniform(0.5, 3.9))
+    rid = f"utt{i:03d}"
+    sf.write(str(root / "wavs" / f"{rid}.wav"), sine_wave(sec, SR, freq=120 + 7 * i, seed=i), SR,
+             subtype="PCM_16")
+    words = " ".join(rng.choice(WORDS, size=max(1, int(sec * 1.5))))
+    rows.append({"id": rid, "audio": f"wavs/{rid}.wav", "text": words, "speaker": f"spk{i % 3}",
+                 "rate_class": i % 3, "split": "test" if i >= NUM_TRAIN else "train"})
+  with open(root / "manifest.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in rows) + "\n")
+  out = root / "shards"
+  s = prepare.prepare(_config(out), str(root / "manifest.jsonl"), str(out), num_workers=1, progress=False,
+                      verbose=False)
+  assert s["counts"] == {"train": NUM_TRAIN, "test": NUM_TEST}, s
+  return out
+
+
+def _take(ds_or_it, n):
+  it = iter(ds_or_it)
+  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
+
+
+def _assert_same(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def test_dataset_info(shards):
+  info = input_pipeline.dataset_info(str(shards))
+  assert info["counts"] == {"train": NUM_TRAIN, "test": NUM_TEST}
+  assert info["speakers"] == ["spk0", "spk1", "spk2"] and info["num_speakers"] == 3
+  assert info["ctc_vocab_size"] == 29 and 20 <= info["text_vocab_size"] <= 64
+  assert os.path.exists(info["spm_model"])
+  # With the config: the trainer's DataInfo, after checking the shards fit the config.
+  data_info = input_pipeline.dataset_info(str(shards), _config(shards))
+  assert (data_info.text_vocab_size, data_info.num_ctc_classes) == (info["text_vocab_size"], 29)
+  assert (data_info.num_speakers, data_info.num_aux) == (3, 2)
+
+
+def test_batch_contract(shards):
+  c = _config(shards)
+  batches = _take(input_pipeline.make_dataset(c, "train", seed=0, num_epochs=1), NUM_TRAIN // 8)
+  index = input_pipeline.load_index(str(shards), "train")
+  total_frames = 0
+  for b in batches:
+    f = b["mel"].shape[1]
+    assert f in c.data.bucket_boundaries and f % c.tokenizer.downsample == 0
+    assert b["mel"].shape == (8, f, c.audio.n_mels) and b["mel"].dtype == np.float32
+    assert b["mel_mask"].shape == (8, f) and b["mel_mask"].dtype == bool
+    assert b["text_ids"].shape == (8, c.text.max_text_tokens) and b["text_ids"].dtype == np.int32
+    assert b["ctc_ids"].shape == (8, c.text.max_ctc_len) and b["ctc_ids"].dtype == np.int32
+    assert b["speaker"].shape == (8,) and b["speaker"].dtype == np.int32
+    assert b["aux"].shape == (8, 2) and b["aux"].dtype == np.int32 and b["valid"].all()
+    assert not b["mel"][~b["mel_mask"]].any()  # padding frames are 0.0
+    np.testing.assert_array_equal(b["text_mask"], b["text_ids"] != 0)
+    np.testing.assert_array_equal(b["ctc_mask"], b["ctc_ids"] != 0)
+    lens = b["mel_mask"].sum(1)
+    assert (lens > 0).all() and (b["mel_mask"][:, :1]).all()  # masks are left-aligned prefixes
+    assert np.all(np.diff(b["mel_mask"].astype(int), axis=1) <= 0)
+    # The bucket is the smallest boundary holding the longest row.
+    assert f == min(x for x in c.data.bucket_boundaries if x >= lens.max())
+    assert set(b["aux"][:, 1]) == {-1} and set(b["aux"][:, 0]) <= {0, 1, 2}
+    total_frames += lens.sum()
+  assert total_frames <= sum(index["num_frames"])
+
+
+def test_plan_covers_each_epoch(shards):
+  index = input_pipeline.load_index(str(shards), "train")
+  frames = np.asarray(index["num_frames"])
+  plan = input_pipeline.BatchPlan(frames, np.arange(len(frames)), (50, 100, 200), 8, seed=3)
+  assert plan.batches_per_epoch == NUM_TRAIN // 8
+  seen = []
+  for epoch in range(3):
+    rows, lens = plan.epoch(epoch)
+    assert len(np.unique(rows)) == rows.size == NUM_TRAIN // 8 * 8 and (rows >= 0).all()
+    for r, f in zip(rows, lens):
+      assert frames[r].max() <= f
+    seen.append(rows)
+  assert not np.array_equal(seen[0], seen[1])  # reshuffled every epoch
+
+
+def test_same_seed_same_batches(shards):
+  c = _config(shards)
+  a = _take(input_pipeline.make_dataset(c, "train", seed=7), 9)  # crosses an epoch boundary (5 per epoch)
+  b = _take(input_pipeline.make_dataset(c, "train", seed=7), 9)
+  _assert_same(a, b)
+  other = _take(input_pipeline.make_dataset(c, "train", seed=8), 9)
+  assert any(x["mel"].shape != y["mel"].shape or not np.array_equal(x["mel"], y["mel"])
+             for x, y in zip(a, other))
+
+
+def test_exact_resume_through_orbax(shards, tmp_path):
+  c = _config(shards)
+  mesh = sharding.make_mesh(c.mesh)
+  it = input_pipeline.make_global_iterator(c, mesh, "train", seed=1)
+  _take(it, 4)
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  state = {"step": np.asarray(4, np.int32)}
+  mngr.save(4, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                       data_iter=input_pipeline.iterator_save_args(it)))
+  mngr.wait_until_finished()
+  expected = _take(it, 5)  # continues past the end of epoch 0
+  it.close()
+
+  fresh = input_pipeline.make_global_iterator(c, mesh, "train", seed=1)
+  mngr2 = ocp.CheckpointManager(tmp_path / "ckpt")
+  restored = mngr2.restore(mngr2.latest_step(), args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(state), data_iter=input_pipeline.iterator_restore_args(fresh)))
+  assert int(restored["state"]["step"]) == 4
+  _assert_same(_take(fresh, 5), expected)
+
+
+def test_resume_with_worker_processes(shards, tmp_path):
+  c = _config(shards)
+  reference = _take(input_pipeline.make_dataset(c, "train", seed=2, process_index=0, process_count=1), 6)
+  c.data.num_workers = 2
+  it = iter(input_pipeline.make_dataset(c, "train", seed=2, process_index=0, process_count=1))
+  _assert_same(_take(it, 2), reference[:2])  # worker processes do not change the batches
+  input_pipeline.save_iterator_state(str(tmp_path / "it"), it)
+  _assert_same(_take(it, 4), reference[2:])
+  it.close()
+  fresh = iter(input_pipeline.make_dataset(c, "train", seed=2, process_index=0, process_count=1))
+  input_pipeline.restore_iterator_state(str(tmp_path / "it"), fresh)
+  _assert_same(_take(fresh, 4), reference[2:])
+  fresh.close()
+
+
+def test_two_processes_split_each_global_batch(shards):
+  c = _config(shards)
+  whole = _take(input_pipeline.make_dataset(c, "train", seed=4, process_index=0, process_count=1), 7)
+  parts = [_take(input_pipeline.make_dataset(c, "train", seed=4, process_index=p, process_count=2), 7)
+           for p in range(2)]
+  for g, p0, p1 in zip(whole, *parts):
+    assert p0["mel"].shape[0] == p1["mel"].shape[0] == 4
+    assert p0["mel"].shape == p1["mel"].shape  # lockstep: same bucket length on both processes
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k], err_msg=k)
+  # Disjoint: the plan's global batch has distinct records, and the halves are its two row ranges.
+  index = input_pipeline.load_index(str(shards), "train")
+  plan = input_pipeline.BatchPlan(np.asarray(index["num_frames"]), np.arange(NUM_TRAIN), (50, 100, 200), 8,
+                                  seed=4)
+  for step in range(7):
+    rows, _ = plan.batch(step)
+    assert not set(rows[:4]) & set(rows[4:]) and len(set(rows)) == 8
+
+
+def _padding_fraction(ds, n):
+  masks = [b["mel_mask"] for b in _take(ds, n)]
+  return 1.0 - sum(m.sum() for m in masks) / sum(m.size for m in masks)
+
+
+def test_bucketing_reduces_padding(shards):
+  c = _config(shards)
+  n = 3 * (NUM_TRAIN // 8)
+  bucketed = _padding_fraction(input_pipeline.make_dataset(c, "train", seed=5), n)
+  plain = _padding_fraction(input_pipeline.make_dataset(c, "train", seed=5, bucketing=False), n)
+  print(f"padding fraction: bucketed {bucketed:.3f}, unbucketed {plain:.3f}")
+  assert bucketed < plain - 0.1 and bucketed < 0.35
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])
+def test_global_arrays_are_sharded(shards, mesh_shape):
+  c = _config(shards)
+  c.mesh.data, c.mesh.fsdp = mesh_shape
+  mesh = sharding.make_mesh(c.mesh)
+  assert mesh.devices.size == 8
+  it = input_pipeline.make_global_iterator(c, mesh, "train", seed=0)
+  batch = next(it)
+  assert set(batch) == set(input_pipeline.BATCH_KEYS)
+  for k, v in batch.items():
+    assert isinstance(v, jax.Array) and v.shape[0] == 8
+    assert v.sharding == sharding.batch_sharding(mesh, v.ndim), k
+    assert len(v.addressable_shards) == 8 and v.addressable_shards[0].data.shape[0] == 1
+  it.close()
+
+
+def test_eval_split_keeps_every_record(shards):
+  c = _config(shards)
+  batches = _take(input_pipeline.make_dataset(c, "test", seed=0, num_epochs=1, shuffle=False), 1)
+  (b,) = batches
+  assert b["valid"].sum() == NUM_TEST and not b["valid"][NUM_TEST:].any()
+  assert not b["mel_mask"][~b["valid"]].any() and (b["aux"][~b["valid"]] == -1).all()
+  with pytest.raises(StopIteration):
+    next(iter(_iter_after(input_pipeline.make_dataset(c, "test", seed=0, num_epochs=1, shuffle=False), 1)))
+
+
+def _iter_after(ds, n):
+  it = iter(ds)
+  for _ in range(n):
+    next(it)
+  return it
+
+
+def test_mismatched_audio_config_is_refused(shards):
+  c = _config(shards)
+  c.audio.n_mels = 40
+  with pytest.raises(ValueError, match="n_mels"):
+    input_pipeline.make_dataset(c, "train", seed=0)
