@@ -12,6 +12,7 @@ import os
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from e2etts_jax import config_lib
 from e2etts_jax.models.flow_matching import FlowMatchingDecoder
@@ -72,6 +73,33 @@ class System:
         "ctc_mask": jnp.ones((batch_size, c.text.max_ctc_len), bool),
         "speaker": jnp.zeros((batch_size,), jnp.int32),
         "aux": jnp.zeros((batch_size, self.info.num_aux), jnp.int32),
+        "valid": jnp.ones((batch_size,), bool),
+    }
+
+  def random_batch(self, batch_size: int, frames: int, seed: int = 0) -> dict:
+    """A batch of random but well-formed inputs (speech-like log-mel range, ragged lengths, real label ranges):
+    for tests and benchmarks that must not depend on prepared data."""
+    c, rs = self.config, np.random.default_rng(seed)
+    ds = c.tokenizer.downsample
+    lengths = rs.integers(frames // (2 * ds), frames // ds + 1, size=batch_size) * ds
+    lengths[0] = frames   # at least one full row, so shapes are exercised to the end
+    mel_mask = np.arange(frames)[None] < lengths[:, None]
+    mel = (rs.normal(size=(batch_size, frames, c.audio.n_mels)) * 2.0 - 5.0) * mel_mask[..., None]
+    def ragged(n_max, vocab, lo=1):
+      n = rs.integers(n_max // 4, n_max // 2 + 1, size=batch_size)
+      mask = np.arange(n_max)[None] < n[:, None]
+      return rs.integers(lo, vocab, size=(batch_size, n_max)) * mask, mask
+    text_ids, text_mask = ragged(c.text.max_text_tokens, self.info.text_vocab_size)
+    ctc_ids, ctc_mask = ragged(min(c.text.max_ctc_len, frames // ds), self.info.num_ctc_classes)
+    ctc_ids = np.pad(ctc_ids, ((0, 0), (0, c.text.max_ctc_len - ctc_ids.shape[1])))
+    ctc_mask = np.pad(ctc_mask, ((0, 0), (0, c.text.max_ctc_len - ctc_mask.shape[1])))
+    return {
+        "mel": jnp.asarray(mel, jnp.float32), "mel_mask": jnp.asarray(mel_mask),
+        "text_ids": jnp.asarray(text_ids, jnp.int32), "text_mask": jnp.asarray(text_mask),
+        "ctc_ids": jnp.asarray(ctc_ids, jnp.int32), "ctc_mask": jnp.asarray(ctc_mask),
+        "speaker": jnp.asarray(rs.integers(0, self.info.num_speakers, size=batch_size), jnp.int32),
+        "aux": jnp.asarray(rs.integers(0, self.config.rm.aux_classes, size=(batch_size, self.info.num_aux)),
+                           jnp.int32),
         "valid": jnp.ones((batch_size,), bool),
     }
 
