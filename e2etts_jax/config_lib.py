@@ -173,7 +173,7 @@ _SIZES = {
     ),
     "paper": dict(
         audio={"sample_rate": 24000, "n_fft": 1920, "win_length": 1920, "hop_length": 480},
-        nets={"tokenizer": (1024, 24, 16, 16, 4096), "llm": (1024, 28, 16, 8, 4096),
+        nets={"tokenizer": (1024, 24, 16, 16, 4096), "llm": (1024, 28, 16, 8, 5888),
               "fm": (1024, 22, 16, 16, 4096), "rm": (1024, 24, 16, 16, 4096)},
         tokenizer={"fsq_levels": (3,) * 8},
         text={"vocab_size": 4096},
@@ -371,6 +371,22 @@ def _parse_like(text: str, old, key: str):
   if isinstance(old, tuple) and isinstance(value, (list, tuple)):
     value = tuple(value)
   return value
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+  """Rebuilds a config saved as JSON (a workdir's config.json) on top of the schema, restoring tuples."""
+  c = base_config()
+
+  def assign(node, vals, where):
+    for k, v in vals.items():
+      if k not in node:
+        raise ConfigError(f"saved config has unknown key {where}{k!r} (written by another version?)")
+      if isinstance(node[k], ml_collections.ConfigDict):
+        assign(node[k], v, f"{where}{k}.")
+      else:
+        node[k] = tuple(v) if isinstance(node[k], tuple) else v
+  assign(c, values, "")
+  return c
 
 
 def fsq_codebook_size(levels: Sequence[int]) -> int:

@@ -22,3 +22,17 @@ def matmul_peak_flops(dtype=jnp.float32, size: int | None = None, repeats: int =
     dot(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
   return 2.0 * size ** 3 / float(np.median(times))
+
+
+def enable_compilation_cache(path: str | None = None) -> str:
+  """Turns on JAX's persistent compilation cache (default ~/.cache/e2etts_jax/xla, or $E2ETTS_XLA_CACHE).
+
+  The joint step of even the tiny config takes tens of seconds to compile on a 2-core CPU; reruns, resumed
+  jobs and the test suite then load it in seconds. Correctness is unaffected: entries are keyed by the program.
+  """
+  import os
+  path = path or os.environ.get("E2ETTS_XLA_CACHE") or os.path.expanduser("~/.cache/e2etts_jax/xla")
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  return path

@@ -50,14 +50,11 @@ def create_train_state(system: System, tx: optax.GradientTransformation, mesh: M
   if params is None:
     init = jax.jit(lambda r: nn.unbox(_boxed_state(system, tx, r)), out_shardings=shard_tree)
     return init(rng), shard_tree
-  # Carry params into a new stage: re-place them (the rule table is the same) and build the new optimizer state.
-  params = jax.device_put(params, shard_tree.params)
-  opt_init = jax.jit(tx.init, out_shardings=shard_tree.opt_state)
-  zero = jnp.zeros((), jnp.int32)
-  rep = sharding.replicated(mesh)
-  z = lambda: jax.device_put(zero, rep)
-  return TrainState(step=z(), params=params, opt_state=opt_init(params), bad_steps=z(), total_bad_steps=z()), \
-      shard_tree
+  # Carry params into a new stage: one jit re-places them and builds the new stage's optimizer state, so every
+  # leaf is a fresh buffer (donation later needs distinct buffers).
+  fresh = jax.jit(lambda p: nn.unbox(_boxed_state(system, tx, None, params=p)), out_shardings=shard_tree,
+                  donate_argnums=(0,))
+  return fresh(params), shard_tree
 
 
 def global_norm_per_network(grads: dict) -> dict:
@@ -86,6 +83,7 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
         total_bad_steps=state.total_bad_steps + (~ok).astype(jnp.int32))
     metrics.update({f"grad_norm/{n}": norms[n] for n in trainable})
     metrics["skipped"] = (~ok).astype(jnp.float32)
+    metrics["bad_steps"] = new_state.bad_steps   # a separate output: the state itself is donated next step
     return new_state, metrics
 
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}

@@ -88,6 +88,41 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, info: DataI
     shutil.copyfile(spm, os.path.join(workdir, "spm.model"))
 
 
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise checkpoint.CheckpointError(f"{workdir} is not a training workdir: {path} is missing")
+  with open(path) as f:
+    return config_lib.from_dict(json.load(f))
+
+
+def load_trained(workdir: str, step: Optional[int] = None, mesh=None) -> tuple[System, dict, dict]:
+  """(system, params, meta) of a workdir's latest (or given) checkpoint, for synthesis and evaluation.
+
+  Raises CheckpointError naming what is missing (config, data info, checkpoints) or unreadable.
+  """
+  config = load_config(workdir)
+  info_path = os.path.join(workdir, "data_info.json")
+  if not os.path.exists(info_path):
+    raise checkpoint.CheckpointError(f"{workdir} has no data_info.json (was training started there?)")
+  system = System(config, DataInfo.load(info_path))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise checkpoint.CheckpointError(f"no checkpoints in {workdir} (expected {ckpt_dir})")
+  ckpt = checkpoint.Checkpointer(ckpt_dir, every=1, keep=1 << 30, async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise checkpoint.CheckpointError(f"no checkpoints in {ckpt_dir}")
+  meta = ckpt.restore_meta(step)
+  if mesh is None:
+    mesh_cfg = ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+    mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+  abstract, _ = train_step.state_shardings(system, optim.make_optimizer(config, meta["stage"]), mesh)
+  state, _ = ckpt.restore(step, abstract)
+  ckpt.close()
+  return system, state.params, meta
+
+
 def _host(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -146,7 +181,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         if frames not in step_fns:   # one compile per bucket length
           step_fns[frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
         state, metrics = step_fns[frames](state, batch, rng)
-        metrics["bad_steps"] = state.bad_steps
         global_step += 1
         bar.update(1)
         # Metrics are read one step late, so the host never waits on the step it just dispatched.
@@ -198,19 +232,20 @@ class _StepLogger:
           f"{int(host['bad_steps'])} consecutive steps had a non-finite loss or gradient (stage {self.stage}, "
           f"step {step}); their updates were skipped and the last good checkpoint in {self.ckpt_dir} is intact. "
           f"Lower train.{self.stage}.learning_rate or check the data.")
-    if self.step_mark is None:   # the first step includes compilation: start timing after it
-      self.t_mark, self.step_mark = time.perf_counter(), step
-      return
-    if step % self.config.train.log_every and step != self.last:
+    first = self.step_mark is None
+    if not first and step % self.config.train.log_every and step != self.last:
       return
     now = time.perf_counter()
-    steps_per_s = (step - self.step_mark) / max(now - self.t_mark, 1e-9)
+    host.update(step=step, lr=float(self.lr(step - self.first - 1)))
+    if not first:   # the first step after a (re)start includes compilation: throughput is timed from it on
+      steps_per_s = (step - self.step_mark) / max(now - self.t_mark, 1e-9)
+      c = self.config
+      host.update(
+          steps_per_s=steps_per_s,
+          tokens_per_s=steps_per_s * batch * frames / c.tokenizer.downsample,
+          audio_s_per_s=steps_per_s * batch * frames * c.audio.hop_length / c.audio.sample_rate,
+          mfu=flops.step_flops(c, self.info, batch, frames, self.stage) * steps_per_s / self.peak)
+      self.bar.set_postfix(stage=self.stage, loss=f"{host['loss/total']:.3f}", sps=f"{steps_per_s:.2f}")
     self.t_mark, self.step_mark = now, step
-    host.update(
-        step=step, steps_per_s=steps_per_s, lr=float(self.lr(step - self.first)),
-        tokens_per_s=steps_per_s * batch * frames / self.config.tokenizer.downsample,
-        audio_s_per_s=steps_per_s * batch * frames * self.config.audio.hop_length / self.config.audio.sample_rate,
-        mfu=flops.step_flops(self.config, self.info, batch, frames, self.stage) * steps_per_s / self.peak)
     self.writer.scalars(step, host)
     self.history.append({"stage": self.stage, **host})
-    self.bar.set_postfix(stage=self.stage, loss=f"{host['loss/total']:.3f}", sps=f"{steps_per_s:.2f}")

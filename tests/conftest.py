@@ -8,6 +8,13 @@ import jax
 import numpy as np
 import pytest
 
+from e2etts_jax import perf
+
+# Compiled programs persist across tests, workers and runs (the joint step takes tens of seconds to compile on a
+# 2-core CPU). Subprocesses started by tests inherit the location through the environment.
+os.environ.setdefault("E2ETTS_XLA_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))
+perf.enable_compilation_cache(os.environ["E2ETTS_XLA_CACHE"])
+
 from e2etts_jax import config_lib
 
 

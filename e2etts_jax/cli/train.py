@@ -20,7 +20,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  from e2etts_jax import distributed
+  from e2etts_jax import distributed, perf
+  perf.enable_compilation_cache()
   if distributed.wanted(_DISTRIBUTED.value):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   from e2etts_jax import config_lib, trainer
@@ -34,7 +35,9 @@ def main(argv):
   state = "preempted, checkpoint saved" if result.preempted else "done"
   logging.info("%s at global step %d (stage %s); workdir %s", state, result.global_step, result.stage,
                _WORKDIR.value)
-  print(f"[e2etts-train] {state}: step {result.global_step}, stage {result.stage}, workdir {_WORKDIR.value}")
+  last = result.history[-1] if result.history else {}
+  print(f"[e2etts-train] {state}: step {result.global_step}, stage {result.stage}, "
+        f"loss/total={last.get('loss/total', float('nan')):.6f}, workdir {_WORKDIR.value}")
 
 
 def run():
