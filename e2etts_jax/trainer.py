@@ -133,7 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
 
   stop_after: stop once this many global steps are done (checkpointing there), e.g. to test resumption.
   """
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
   mesh = mesh or sharding.make_mesh(config.mesh)
   info = input_pipeline.dataset_info(config.data.shards, config)
   write_run_files(workdir, config, info)

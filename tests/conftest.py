@@ -40,3 +40,31 @@ def sine_wave(seconds: float, sample_rate: int, freq: float = 220.0, seed: int =
   wav = sum(0.3 / k * np.sin(2 * np.pi * freq * k * t) for k in range(1, 5))
   wav = wav + 0.01 * np.random.default_rng(seed).standard_normal(t.shape)
   return wav.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+  """A small real-speech corpus (flite voices) prepared into shards with the `tiny` config; built once per
+  test process. Returns the shards directory."""
+  from e2etts_jax import corpus, prepare
+  root = tmp_path_factory.mktemp("tiny_data")
+  manifest = corpus.build_corpus(str(root / "corpus"), num_utterances=40, seed=0, workers=2, progress=False)
+  config = config_lib.get_config("tiny")
+  prepare.prepare(config, manifest, str(root / "shards"), num_workers=2, progress=False, verbose=False)
+  return str(root / "shards")
+
+
+def tiny_train_config(shards: str, steps=(12, 6, 6), mode: str = "e2e"):
+  """The tiny config on `shards`, one bucket (one compile per stage), logging and short stages for tests."""
+  c = config_lib.get_config("tiny", mode)
+  c.data.shards = shards
+  c.data.bucket_boundaries = (200,)
+  c.train.log_every = 1
+  c.train.checkpoint_every = 4
+  for stage, n in zip(config_lib.STAGES, steps):
+    c.train[stage].steps = n
+    c.train[stage].warmup_steps = 1
+    c.train[stage].learning_rate = 2e-3
+  if mode == "cascaded":
+    config_lib.make_cascaded(c)   # re-apply: stage budgets above changed
+  return c

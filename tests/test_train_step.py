@@ -1,7 +1,9 @@
 """The sharded joint step: mesh invariance, stage 3 gradient paths, frozen networks, non-finite skipping."""
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from e2etts_jax import objectives, optim, sharding, train_step
@@ -15,12 +17,12 @@ def system(tiny_config):
   return System(tiny_config, INFO)
 
 
-def _run(system, stage, mesh_shape, batch, steps=2):
+def _run(system, stage, mesh_shape, batch, steps=2, tx=None):
   c = system.config
   c.mesh.update(dict(zip(("data", "fsdp", "tensor"), mesh_shape)))
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(c.mesh, devices)
-  tx = optim.make_optimizer(c, stage)
+  tx = tx or optim.make_optimizer(c, stage)
   state, sh = train_step.create_train_state(system, tx, mesh, jax.random.key(0))
   step = train_step.make_train_step(system, tx, stage, mesh, sh, batch)
   losses = []
@@ -30,23 +32,52 @@ def _run(system, stage, mesh_shape, batch, steps=2):
   return losses, jax.device_get(state.params)
 
 
-def test_sharded_step_matches_single_device(system):
-  # Full learning rate from the first step (lr 1e-3), so each update moves parameters by ~1e-3: the atol below
-  # is 1% of one update. It is needed because Adam divides by sqrt(v): reduction-order noise (~1e-7) in a
-  # near-zero gradient becomes a visible but tiny difference in that parameter's update.
+MESHES = [(8, 1, 1), (2, 4, 1), (2, 2, 2)]
+
+
+def test_sharded_step_matches_single_device_losses(system):
+  """The real optimizer (AdamW): the loss trajectory over 3 steps is the same on every mesh."""
   system.config.train.stage1.warmup_steps = 1
   batch = system.random_batch(8, 100, seed=0)
-  ref_losses, ref_params = _run(system, "stage1", (1, 1, 1), batch)
-  for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2)]:
-    losses, params = _run(system, "stage1", shape, batch)
+  ref, _ = _run(system, "stage1", (1, 1, 1), batch, steps=3)
+  for shape in MESHES:
+    losses, _ = _run(system, "stage1", shape, batch, steps=3)
+    np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=str(shape))
+
+
+def test_sharded_step_matches_single_device_params(system):
+  """Updated parameters agree to float32 rounding. Plain SGD through the same step function: AdamW divides by
+  sqrt(v), which turns reduction-order noise in a near-cancelling gradient element into a visible difference
+  in that element's update, a property of the optimizer rather than of the sharding.
+
+  Tolerance 1e-4 of each tensor's update, not 1e-5: the RM's CTC loss (a log-space forward-backward over every frame) amplifies the
+  rounding differences that a different per-device batch shape brings to ~5e-5 relative in the gradients
+  (measured; the FM and LLM paths agree to ~1e-6). A sharding bug gives differences of order 1."""
+  batch = system.random_batch(8, 100, seed=0)
+  sgd = optax.sgd(0.05)
+  ref_losses, ref = _run(system, "stage1", (1, 1, 1), batch, tx=sgd)
+  init = jax.device_get(train_step.create_train_state(system, sgd, sharding.make_mesh(
+      system.config.mesh, jax.devices()[:1]), jax.random.key(0))[0].params)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(init)))
+  assert moved > 1e-3   # the steps really changed the parameters
+  for shape in MESHES:
+    losses, params = _run(system, "stage1", shape, batch, tx=sgd)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(shape)),
-                 params, ref_params)
+    for a, b, p0 in zip(jax.tree.leaves(params), jax.tree.leaves(ref), jax.tree.leaves(init)):
+      # Each tensor's update agrees to 1e-4 of that tensor's largest update.
+      update = np.asarray(b) - np.asarray(p0)
+      assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-4 * np.max(np.abs(update)) + 1e-9, shape
 
 
 def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system):
   c = system.config
-  params = jax.tree.map(jnp.asarray, __import__("flax").linen.unbox(system.init(jax.random.key(0))))
+  params = flax.linen.unbox(system.init(jax.random.key(0)))
+  # A freshly initialised FM is zero at its output (AdaLN-Zero / zero output projection), so its velocity does
+  # not depend on the tokens yet; move FM and RM off their init point as training would.
+  for net in ("fm", "rm"):
+    leaves, tree = jax.tree.flatten(params[net])
+    keys = jax.random.split(jax.random.key(5), len(leaves))
+    params[net] = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   batch = system.random_batch(4, 100, seed=1)
 
   def llm_grad(weights):
@@ -75,7 +106,8 @@ def test_stage3_frozen_networks_bit_identical_after_step(system):
   state, sh = train_step.create_train_state(system, tx, mesh, jax.random.key(0))
   before = jax.device_get(state.params)
   step = train_step.make_train_step(system, tx, "stage3", mesh, sh, batch)
-  state, _ = step(state, batch, jax.random.key(1))
+  for _ in range(2):   # the warm-up schedule starts at LR 0: the second step is the first real update
+    state, _ = step(state, batch, jax.random.key(1))
   after = jax.device_get(state.params)
   for frozen in ("tokenizer", "fm", "rm"):
     jax.tree.map(np.testing.assert_array_equal, after[frozen], before[frozen])
