@@ -173,8 +173,8 @@ _SIZES = {
     ),
     "paper": dict(
         audio={"sample_rate": 24000, "n_fft": 1920, "win_length": 1920, "hop_length": 480},
-        nets={"tokenizer": (1024, 24, 16, 16, 4096), "llm": (1024, 28, 16, 8, 5888),
-              "fm": (1024, 22, 16, 16, 4096), "rm": (1024, 24, 16, 16, 4096)},
+        nets={"tokenizer": (1024, 24, 16, 16, 6784), "llm": (1024, 28, 16, 8, 5888),
+              "fm": (1024, 22, 16, 16, 4096), "rm": (1024, 24, 16, 16, 6784)},
         tokenizer={"fsq_levels": (3,) * 8},
         text={"vocab_size": 4096},
         llm={"max_len": 2048},
