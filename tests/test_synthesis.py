@@ -1,0 +1,265 @@
+"""Synthesis library and e2etts-synthesize CLI on a real `tiny` workdir.
+
+The workdir is built once per test process from a 24-utterance flite corpus and its prepared shards, with the
+run files and an Orbax train-state checkpoint written by the trainer's own functions (`trainer.write_run_files`,
+`checkpoint.Checkpointer`, `train_step.create_train_state`). Its parameters are freshly initialised: what is
+tested here does not depend on training, and skipping the train-step compile keeps this file fast. Most tests
+use a cheap Griffin-Lim variant as vocoder (`_FastVocoder`); the eval-CLI test runs the default one.
+"""
+import json
+import math
+import os
+import shutil
+
+import jax
+import librosa
+import ml_collections
+import numpy as np
+import pytest
+import soundfile as sf
+
+from e2etts_jax import (audio, checkpoint, config_lib, corpus, input_pipeline, optim, prepare, sharding, synthesis,
+                        train_step, trainer)
+from e2etts_jax.models import generation, vocoder as vocoder_lib
+from e2etts_jax.system import System
+
+TEXT = "The cat sat quietly on the warm mat."
+FAST_VOCODER = "test_fast_griffin_lim"
+
+
+class _FastVocoder:
+  """The vocoder interface with a mel pseudo-inverse and 4 Griffin-Lim iterations (the default vocoder's
+  non-negative least squares takes seconds on the noise-like mels of untrained parameters)."""
+
+  def __init__(self, config):
+    self.cfg, self.sample_rate = config.audio, int(config.audio.sample_rate)
+    self.pinv = np.linalg.pinv(audio.mel_basis(self.cfg.sample_rate, self.cfg.n_fft, self.cfg.n_mels,
+                                               self.cfg.fmin, self.cfg.fmax))
+
+  def __call__(self, log_mel):
+    c = self.cfg
+    spec = np.maximum(self.pinv @ np.exp(np.asarray(log_mel, np.float32)).T, 0.0)
+    wav = librosa.griffinlim(spec, n_iter=4, hop_length=c.hop_length, win_length=c.win_length, n_fft=c.n_fft,
+                             window="hann", center=False, random_state=0)
+    n = log_mel.shape[0] * c.hop_length
+    return np.pad(wav, (0, max(0, n - wav.shape[0])))[:n].astype(np.float32)
+
+
+vocoder_lib.register_vocoder(FAST_VOCODER, _FastVocoder)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+  root = tmp_path_factory.mktemp("synth")
+  manifest = corpus.build_corpus(str(root / "corpus"), num_utterances=24, seed=0, workers=2, test_fraction=0.2,
+                                 progress=False)
+  c = config_lib.get_config("tiny")
+  c.data.shards = str(root / "shards")
+  prepare.prepare(c, manifest, c.data.shards, num_workers=1, progress=False, verbose=False)
+  run = str(root / "run")
+  info = input_pipeline.dataset_info(c.data.shards, c)
+  trainer.write_run_files(run, c, info)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+  state, _ = train_step.create_train_state(System(c, info), optim.make_optimizer(c, "stage1"), mesh,
+                                           jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=2, async_save=False)
+  ckpt.save(1, state, None, {"stage": "stage1", "global_step": 1, "mode": c.train.mode}, force=True)
+  ckpt.close()
+  return {"run": run, "manifest": manifest, "root": root}
+
+
+@pytest.fixture(scope="session")
+def synth(workdir):
+  return synthesis.Synthesizer.from_workdir(workdir["run"], vocoder=FAST_VOCODER)
+
+
+@pytest.fixture(scope="session")
+def utts(workdir):
+  """Corpus utterances the tiny model accepts as prompts (<= data.max_seconds)."""
+  rows = [r for r in corpus.read_manifest(workdir["manifest"]) if r["duration"] <= 3.5]
+  assert len(rows) >= 3
+  return rows
+
+
+def _length_bounds(synth, text):
+  n_text = len(synth.encode_text(text))
+  sp = synth.sampling
+  lo = math.floor(sp["min_ratio"] * n_text)
+  hi = min(math.floor(sp["max_ratio"] * n_text), synth.max_tokens)
+  return lo, hi
+
+
+def test_plausible_length_and_shapes(synth):
+  r = synth.synthesize(TEXT, seed=0)
+  lo, hi = _length_bounds(synth, TEXT)
+  n = r.tokens.shape[0]
+  assert lo <= n <= hi, (lo, n, hi)
+  frames = n * synth.ds
+  assert r.mel.shape == (frames, synth.config.audio.n_mels)
+  assert r.wav.shape == (frames * synth.hop,)
+  assert r.sample_rate == synth.config.audio.sample_rate
+  assert np.all(np.isfinite(r.wav)) and np.abs(r.wav).max() > 0
+  assert r.tokens.dtype == np.int32 and r.tokens.min() >= 0 and r.tokens.max() < synth.system.fsq.codebook_size
+  assert r.rtf > 0 and set(r.timings) >= {"llm", "fm", "vocoder", "total"}
+
+
+def test_same_seed_same_wav_other_seed_differs(synth, utts):
+  a = synth.synthesize(TEXT, seed=3)
+  b = synth.synthesize(TEXT, seed=3)
+  c = synth.synthesize(TEXT, seed=4)
+  np.testing.assert_array_equal(a.wav, b.wav)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  assert a.wav.shape != c.wav.shape or not np.array_equal(a.wav, c.wav)
+  p = utts[0]
+  d = synth.synthesize(TEXT, prompt_wav=p["audio"], prompt_text=p["text"], seed=3)
+  e = synth.synthesize(TEXT, prompt_wav=p["audio"], prompt_text=p["text"], seed=3)
+  np.testing.assert_array_equal(d.wav, e.wav)
+
+
+def test_repeated_calls_reuse_compiled_code(synth):
+  synth.synthesize("Hello.", seed=0)
+  llm_fn = generation._COMPILED[(id(synth.system.llm), synth.max_tokens, True)][1]
+  llm_size = llm_fn._cache_size()
+  fm_buckets = set()
+  fm_before = synth._decode._cache_size()
+  for i, text in enumerate(["Hello there, my old friend.", "Hi.", "Hello.", "Good night, sleep well."]):
+    r = synth.synthesize(text, seed=10 + i)
+    fm_buckets.add(synthesis.bucket(r.tokens.shape[0]))
+  # Text of any length reuses the LLM loop; the FM compiles once per token bucket, not per length.
+  assert llm_fn._cache_size() == llm_size
+  assert synth._decode._cache_size() <= fm_before + len(fm_buckets)
+
+
+def test_prompt_at_22k_stereo_is_accepted(synth, utts, tmp_path):
+  p = utts[1]
+  wav16 = audio.load_audio(p["audio"], 16000)
+  wav22 = audio.resample(wav16, 16000, 22050)
+  stereo = np.stack([wav22, 0.5 * wav22], axis=1)
+  path = str(tmp_path / "prompt_22k_stereo.wav")
+  sf.write(path, stereo, 22050)
+  r = synth.synthesize(TEXT, prompt_wav=path, prompt_text=p["text"], seed=0)
+  lo, hi = _length_bounds(synth, TEXT)
+  assert lo <= r.tokens.shape[0] <= hi
+  # Only the new frames come back: the prompt's frames are not part of the result.
+  assert r.mel.shape[0] == r.tokens.shape[0] * synth.ds
+  assert r.wav.shape[0] == r.mel.shape[0] * synth.hop
+  # The prompt was converted to 16 kHz mono: as many prompt tokens as the original 16 kHz file gives.
+  prompt = synth._load_prompt(path, p["text"])
+  assert prompt.indices.shape[0] == (len(wav16) // synth.hop) // synth.ds
+  # A prompt without a transcript still works (voice only).
+  assert synth.synthesize(TEXT, prompt_wav=path, seed=0).wav.size > 0
+
+
+@pytest.mark.parametrize("text, match", [("", "empty"), ("   \n\t", "empty"), ("?!? ...", "nothing speakable")])
+def test_empty_text_is_a_clear_error(synth, text, match):
+  with pytest.raises(synthesis.SynthesisError, match=match):
+    synth.synthesize(text)
+
+
+def test_too_long_text_and_prompt_are_clear_errors(synth, tmp_path):
+  with pytest.raises(synthesis.SynthesisError, match="max_text_tokens"):
+    synth.synthesize("word " * 400)
+  long_prompt = str(tmp_path / "long.wav")
+  sf.write(long_prompt, np.zeros(16000 * 10, np.float32) + 0.01, 16000)
+  with pytest.raises(synthesis.SynthesisError, match="too long"):
+    synth.synthesize(TEXT, prompt_wav=long_prompt, prompt_text="hello")
+  with pytest.raises(synthesis.SynthesisError, match="not found"):
+    synth.synthesize(TEXT, prompt_wav=str(tmp_path / "nope.wav"), prompt_text="hello")
+
+
+def test_load_errors_name_the_problem(workdir, tmp_path):
+  missing = str(tmp_path / "no_such_run")
+  with pytest.raises(FileNotFoundError, match="no_such_run"):
+    synthesis.Synthesizer.from_workdir(missing)
+  # A workdir without checkpoints.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for f in ("config.json", "data_info.json", "spm.model"):
+    shutil.copy(os.path.join(workdir["run"], f), bare / f)
+  with pytest.raises(checkpoint.CheckpointError, match=str(bare / "checkpoints")):
+    synthesis.Synthesizer.from_workdir(str(bare))
+  # Not a training workdir at all.
+  with pytest.raises(checkpoint.CheckpointError, match="config.json"):
+    synthesis.Synthesizer.from_workdir(str(tmp_path))
+  # A corrupt checkpoint: every array file of the state truncated.
+  broken = tmp_path / "broken"
+  shutil.copytree(workdir["run"], broken)
+  hit = 0
+  for dirpath, _, files in os.walk(broken / "checkpoints"):
+    for f in files:
+      if "state" in os.path.relpath(dirpath, broken / "checkpoints").split(os.sep):
+        with open(os.path.join(dirpath, f), "wb") as fh:
+          fh.write(b"\0garbage")
+        hit += 1
+  assert hit
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoints"):
+    synthesis.Synthesizer.from_workdir(str(broken))
+
+
+def test_resynthesis_and_speaker_embedding(synth, utts):
+  wav = audio.load_audio(utts[0]["audio"], 16000)
+  r = synth.resynthesize(wav, 16000)
+  tokens = (len(wav) // synth.hop) // synth.ds
+  assert r.tokens.shape == (tokens,) and r.wav.shape == (tokens * synth.ds * synth.hop,)
+  e = synth.embed_wav(wav, 16000)
+  assert e.shape == (synth.config.rm.spk_embed_dim,)
+  np.testing.assert_allclose(np.linalg.norm(e), 1.0, atol=1e-4)
+
+
+def test_eval_cli_workdir_mode_uses_the_synthesizer(workdir, utts, tmp_path):
+  from e2etts_jax.cli import evaluate as evaluate_cli
+  lst = tmp_path / "meta.lst"
+  # Short targets: the default vocoder is slow on the noise-like mels of untrained parameters.
+  lst.write_text("".join(f"u{i}|{utts[i]['text']}|{utts[i]['audio']}|{target}|{utts[i + 1]['audio']}\n"
+                         for i, target in enumerate(["Good morning.", "Thank you."])))
+  out = tmp_path / "eval"
+  rc = evaluate_cli.main(["e2etts-eval", f"--list={lst}", f"--out={out}", f"--workdir={workdir['run']}",
+                          "--bootstrap=50", "--mel_plots=0", "--noprogress"])
+  results = json.loads((out / "results.json").read_text())
+  assert rc == 0
+  assert results["summary"]["counts"]["scored"] == 2 and results["summary"]["counts"]["failed"] == 0
+  assert sorted(os.listdir(out / "wavs")) == ["u0.wav", "u1.wav"]
+  info = sf.info(str(out / "wavs" / "u0.wav"))
+  assert info.samplerate == 16000 and info.frames > 0
+
+
+def test_cli_single_and_batch(workdir, utts, tmp_path):
+  from e2etts_jax.cli import synthesize as synth_cli
+  out = tmp_path / "one.wav"
+  assert synth_cli.main(["e2etts-synthesize", f"--workdir={workdir['run']}", f"--text={TEXT}", f"--out={out}",
+                         "--seed=1", f"--vocoder={FAST_VOCODER}"]) == 0
+  assert out.exists() and (tmp_path / "one.png").exists()
+
+  lines = tmp_path / "lines.txt"
+  lines.write_text("Hello there.\n\n?!?\nThe dog barked twice.\nGood night.\n")
+  out_dir = tmp_path / "batch"
+  rc = synth_cli.main(["e2etts-synthesize", f"--workdir={workdir['run']}", f"--input={lines}",
+                       f"--out_dir={out_dir}", "--noprogress", "--nopng", f"--vocoder={FAST_VOCODER}"])
+  assert rc == 1   # one line failed
+  assert sorted(f for f in os.listdir(out_dir) if f.endswith(".wav")) == [
+      "line_0001.wav", "line_0004.wav", "line_0005.wav"]
+  report = [json.loads(l) for l in (out_dir / "synthesis.jsonl").read_text().splitlines()]
+  assert [r["status"] for r in report] == ["ok", "failed", "ok", "ok"]
+  assert "nothing speakable" in report[1]["error"]
+
+  lst = tmp_path / "meta.lst"
+  p = utts[0]
+  lst.write_text(f"a|{p['text']}|{p['audio']}|Hello there.\n"
+                 "broken line without fields\n"
+                 f"b|{p['text']}|{p['audio']}|Good night.|\n")
+  out_dir = tmp_path / "batch_lst"
+  rc = synth_cli.main(["e2etts-synthesize", f"--workdir={workdir['run']}", f"--input={lst}",
+                       f"--out_dir={out_dir}", "--noprogress", "--nopng", f"--vocoder={FAST_VOCODER}"])
+  assert rc == 1
+  assert sorted(f for f in os.listdir(out_dir) if f.endswith(".wav")) == ["a.wav", "b.wav"]
+  report = [json.loads(l) for l in (out_dir / "synthesis.jsonl").read_text().splitlines()]
+  assert [r["status"] for r in report] == ["ok", "failed", "ok"]
+
+
+def test_batch_helper_reports_bad_entries_and_goes_on(synth):
+  out = synth.synthesize_batch(["Hello.", "   ", "Good night."], seeds=[0, 0, 1])
+  assert isinstance(out[0], synthesis.Result) and isinstance(out[2], synthesis.Result)
+  assert isinstance(out[1], synthesis.SynthesisError)
+  np.testing.assert_array_equal(out[0].wav, synth.synthesize("Hello.", seed=0).wav)
+  with pytest.raises(synthesis.SynthesisError):
+    synth.synthesize_batch(["Hello.", ""], raise_errors=True)
