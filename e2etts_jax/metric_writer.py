@@ -57,15 +57,15 @@ def read_metrics(workdir: str, split: str = "train") -> list[dict]:
 
 def plot_loss_curves(workdir: str, out_path: str | None = None) -> str:
   """Draws every `loss/*` series of metrics.jsonl into one picture (a panel per term); returns its path."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   rows = read_metrics(workdir)
   keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
   out_path = out_path or os.path.join(workdir, "loss_curves.png")
   cols = max(1, min(4, len(keys)))
   n_rows = max(1, -(-len(keys) // cols))
-  fig, axes = plt.subplots(n_rows, cols, figsize=(4 * cols, 3 * n_rows), squeeze=False)
+  fig = Figure(figsize=(4 * cols, 3 * n_rows), layout='tight')
+  axes = fig.subplots(n_rows, cols, squeeze=False)
   for ax, key in zip(axes.flat, keys):
     pts = [(r["step"], r[key]) for r in rows if key in r]
     ax.plot(*zip(*pts))
@@ -73,7 +73,5 @@ def plot_loss_curves(workdir: str, out_path: str | None = None) -> str:
     ax.set_xlabel("step")
   for ax in list(axes.flat)[len(keys):]:
     ax.axis("off")
-  fig.tight_layout()
   fig.savefig(out_path, dpi=80)
-  plt.close(fig)
   return out_path

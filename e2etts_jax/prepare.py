@@ -509,10 +509,10 @@ def _write_shards(out_dir: str, split: str, rows: list[dict], num_shards: int, c
 
 
 def _length_hist(path: str, seconds: dict[str, list[float]], config) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4))
+  # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(7, 4), layout='tight')
+  ax = fig.subplots()
   hi = float(config.data.max_seconds)
   for split, secs in seconds.items():
     if secs:
@@ -523,9 +523,7 @@ def _length_hist(path: str, seconds: dict[str, list[float]], config) -> None:
   ax.set_xlabel("seconds (dashed: length buckets)")
   ax.set_ylabel("utterances")
   ax.legend()
-  fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def prepare(config, manifest: str, out_dir: str, *, num_workers: int | None = None, spm_model: str | None = None,

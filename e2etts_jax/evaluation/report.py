@@ -180,11 +180,11 @@ def write_details(path: str, rows: Sequence[Mapping]) -> None:
 
 
 def _plot_wer_hist(path: str, rows: Sequence[Mapping]) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   wers = [100.0 * r["wer"] for r in rows if r["status"] == "ok"]
-  fig, ax = plt.subplots(figsize=(6, 3.5))
+  fig = Figure(figsize=(6, 3.5), layout='tight')
+  ax = fig.subplots()
   top = max(100.0, max(wers, default=0.0))
   ax.hist(wers, bins=np.linspace(0.0, top, 21), color="#4472c4", edgecolor="white")
   if wers:
@@ -193,20 +193,18 @@ def _plot_wer_hist(path: str, rows: Sequence[Mapping]) -> None:
   ax.set_xlabel("per-utterance WER (%)")
   ax.set_ylabel("utterances")
   ax.set_title(f"WER distribution (n={len(wers)})")
-  fig.tight_layout()
   fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _plot_mels(path: str, row: Mapping, audio_cfg) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   from e2etts_jax import audio  # pylint: disable=import-outside-toplevel
   panels = [("generated", row["wav_path"])]
   if row.get("gt_wav") and os.path.exists(row["gt_wav"]):
     panels.append(("ground truth", row["gt_wav"]))
-  fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.4 * len(panels)), squeeze=False)
+  fig = Figure(figsize=(8, 2.4 * len(panels)), layout='tight')
+  axes = fig.subplots(len(panels), 1, squeeze=False)
   for ax, (label, wav_path) in zip(axes[:, 0], panels):
     mel = audio.log_mel(audio.load_audio(wav_path, audio_cfg.sample_rate), audio_cfg)
     ax.imshow(mel.T, origin="lower", aspect="auto", cmap="magma")
@@ -215,9 +213,7 @@ def _plot_mels(path: str, row: Mapping, audio_cfg) -> None:
   axes[-1, 0].set_xlabel(f"frame ({audio_cfg.hop_length / audio_cfg.sample_rate * 1000:.0f} ms)")
   fig.suptitle(f"WER {100 * row['wer']:.1f}%  |  ref: {row['target_text'][:70]}\nhyp: {row['hypothesis'][:70]}",
                fontsize=8)
-  fig.tight_layout()
   fig.savefig(path, dpi=90)
-  plt.close(fig)
 
 
 def _mel_rows(rows: Sequence[Mapping], k: int) -> list[Mapping]:
