@@ -101,11 +101,11 @@ class Result:
 
 def save_mel_png(mel: np.ndarray, path: str, title: Optional[str] = None, frame_rate: Optional[float] = None) -> str:
   """Draws a log-mel [frames, n_mels] as an image (time left to right, low bins at the bottom); returns path."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   mel = np.asarray(mel, np.float32)
-  fig, ax = plt.subplots(figsize=(max(4.0, min(16.0, mel.shape[0] / 40.0)), 3.0))
+  fig = Figure(figsize=(max(4.0, min(16.0, mel.shape[0] / 40.0)), 3.0), layout='tight')
+  ax = fig.subplots()
   extent = None
   if frame_rate:
     extent = (0.0, mel.shape[0] / frame_rate, 0, mel.shape[1])
@@ -115,10 +115,8 @@ def save_mel_png(mel: np.ndarray, path: str, title: Optional[str] = None, frame_
   if title:
     ax.set_title(title, fontsize=9)
   fig.colorbar(im, ax=ax, label="log-mel")
-  fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=80)
-  plt.close(fig)
   return path
 
 
