@@ -58,7 +58,7 @@ def create_train_state(system: System, tx: optax.GradientTransformation, mesh: M
 
 
 def global_norm_per_network(grads: dict) -> dict:
-  return {n: optax.global_norm(g) for n, g in grads.items()}
+  return {n: optax.tree.norm(g) for n, g in grads.items()}
 
 
 def make_train_step(system: System, tx: optax.GradientTransformation, stage: str, mesh: Mesh,

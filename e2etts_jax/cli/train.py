@@ -20,6 +20,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (mu
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the progress bar
   from e2etts_jax import distributed, perf
   perf.enable_compilation_cache()
   if distributed.wanted(_DISTRIBUTED.value):
