@@ -15,9 +15,10 @@ from e2etts_jax.system import DataInfo
 def transformer_flops(net_cfg, batch: int, length: int, adaln: bool = False, causal: bool = False) -> float:
   d, h, kv, mlp = net_cfg.d_model, net_cfg.num_heads, net_cfg.num_kv_heads, net_cfg.mlp_dim
   hd = d // h
-  per_token = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * mlp + (6 * d * d if adaln else 0)
+  per_token = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * mlp
   attn = 2 * length * length * h * hd * (0.5 if causal else 1.0)   # QK^T and AV per sequence
-  return float(net_cfg.num_layers * batch * (2 * per_token * length + 2 * attn))
+  per_seq = 6 * d * d if adaln else 0   # AdaLN modulation: one [d] condition per sequence, not per token
+  return float(net_cfg.num_layers * batch * (2 * per_token * length + 2 * attn + 2 * per_seq))
 
 
 def network_forward_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, frames: int) -> dict:
