@@ -25,6 +25,7 @@ import time
 from typing import Sequence
 
 from absl import app, flags
+from absl import logging as absl_logging
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "Training workdir (config.json, spm.model, checkpoints/).", flag_values=FLAGS)
@@ -206,6 +207,9 @@ def _app_parser(argv: list[str]) -> list[str]:
 def _app_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unknown arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    # Checkpoint loading logs every file it reads at INFO; the tool's own output is printed.
+    absl_logging.set_verbosity(absl_logging.WARNING)
   sys.exit(_synthesize_from_flags())
 
 

@@ -1,0 +1,67 @@
+"""The main job's own logic: budget defaults vs command-line overrides, item choice, losses and the summary."""
+import json
+
+from e2etts_jax import config_lib, main_job
+from e2etts_jax.evaluation.metalist import EvalItem
+
+
+def test_budget_defaults_fit_and_yield_to_overrides():
+  c = config_lib.get_config("small")
+  applied = main_job.apply_defaults(c, {"train.stage1.steps"})
+  assert "train.stage1.steps" not in applied and c.train.stage1.steps == config_lib.get_config("small").train.stage1.steps
+  assert c.train.stage2.steps == main_job.QUICKSTART_DEFAULTS["small"]["train.stage2.steps"]
+  config_lib.validate(c, 1)   # the defaults form a valid config
+  full = config_lib.get_config("small")
+  main_job.apply_defaults(full, set())
+  config_lib.validate(full, 1)
+  for stage in config_lib.STAGES:
+    assert full.train[stage].warmup_steps <= full.train[stage].steps
+  # Sizes without budget values are left alone.
+  tiny = config_lib.get_config("tiny")
+  assert main_job.apply_defaults(tiny, set()) == {}
+  assert tiny.to_dict() == config_lib.get_config("tiny").to_dict()
+
+
+def test_pick_items_spreads_over_speakers():
+  items = [EvalItem(f"{spk}_{i:06d}_abcdef12", "p", "/p.wav", "t", None)
+           for spk in ("flite_awb", "flite_rms", "flite_slt") for i in range(5)]
+  picked = main_job.pick_items(items, 6)
+  assert len(picked) == 6
+  assert sorted({it.utt.rsplit("_", 2)[0] for it in picked}) == ["flite_awb", "flite_rms", "flite_slt"]
+  assert main_job.pick_items(items, 0) == items and len(main_job.pick_items(items, 100)) == 15
+
+
+def test_eval_manifest_drops_utterances_too_long_for_the_model(tmp_path):
+  (tmp_path / "wavs").mkdir()
+  rows = [{"id": f"u{i}", "audio": f"wavs/u{i}.wav", "text": "a b", "speaker": "s", "rate": 1.0, "rate_class": 1,
+           "pitch": 1.0, "pitch_class": 1, "duration": d, "sample_rate": 16000, "split": "test"}
+          for i, d in enumerate([1.0, 4.9, 5.1, 9.0])]
+  src = tmp_path / "manifest.jsonl"
+  src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  out = main_job.eval_manifest(str(src), str(tmp_path / "eval" / "m.jsonl"), 5.0)
+  kept = [json.loads(l) for l in open(out)]
+  assert [r["id"] for r in kept] == ["u0", "u1"]
+  assert all(r["audio"].startswith(str(tmp_path)) for r in kept)   # absolute: the list lives elsewhere
+
+
+def test_final_losses_and_summary_table(tmp_path):
+  c = config_lib.get_config("tiny")
+  c.train.stage1.steps, c.train.stage2.steps, c.train.stage3.steps = 4, 2, 2
+  (tmp_path / "config.json").write_text(c.to_json())
+  rows = [{"step": s, "split": "train", "loss/total": 10.0 - s, "loss/fm": 1.0 / s, "codes/perplexity": 3.0 + s,
+           **({"steps_per_s": 2.0} if s > 1 else {})} for s in range(1, 9)]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  losses = main_job.final_losses(str(tmp_path))
+  assert losses["stage1"]["loss/total"] == 6.0 and losses["stage1"]["step"] == 4
+  assert losses["stage2"]["codes/perplexity"] == 9.0 and losses["stage3"]["step_s"] == 0.5
+  ev = {"wer": 40.0, "wer_ci": [30.0, 50.0], "sim": 0.8, "rtf": 0.5, "scored": 3, "failed": 0}
+  summary = {
+      "workdir": str(tmp_path), "config_name": "tiny", "steps": {"stage1": 4}, "eval_items": 3,
+      "corpus": {"utterances": 10, "hours": 0.01},
+      "eval": {"tts": ev, "resynthesis": {**ev, "wer": 20.0}, "ceiling": {**ev, "wer": 10.0}},
+      "final_losses": losses, "loss_keys": ["loss/total", "loss/fm"], "tts_code_perplexity": 5.0,
+      "codebook_size": 27, "phases": {"train": 1.0}, "total_seconds": 2.0, "paths": {"x": "/y"}}
+  md = main_job.summary_markdown(summary)
+  assert "| tts | 40.00 [30.00, 50.00] | 4.00 |" in md
+  assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
+  assert "| stage2 | 6 |" in md and "code-usage perplexity" in md
