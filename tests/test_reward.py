@@ -178,5 +178,5 @@ def test_paper_size_parameter_count():
   model = reward.RewardModel(config, num_ctc_classes=32, num_speakers=1000, num_aux=2)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4, d)), jnp.ones((1, 4), bool)))
   count = sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))
-  # The encoder dominates: 24 layers x (4 d^2 attention + 3 d * mlp SwiGLU) = 403M, plus heads.
-  assert 0.40e9 < count < 0.42e9, count
+  # The method notes give the RM ~0.6B; the encoder dominates: 24 layers x (4 d^2 + 3 d * mlp) = 601M, plus heads.
+  assert 0.54e9 < count < 0.66e9, count
