@@ -50,7 +50,8 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.checkpoint_every": 100,
     "train.keep_checkpoints": 2,
 }}
-PHASES = ("corpus", "shards", "train", "load", "eval_ceiling", "eval_resynthesis", "eval_tts", "summary")
+# Below this training code perplexity the tokenizer has collapsed onto (almost) one code; the summary says so.
+COLLAPSE_PERPLEXITY = 2.0
 
 
 def apply_defaults(config: ml_collections.ConfigDict, overridden: Mapping[str, Any] | set,
@@ -183,7 +184,13 @@ def summary_markdown(summary: Mapping) -> str:
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} |")
   tp = summary.get("tts_code_perplexity")
   lines += ["", f"code-usage perplexity of the synthesised test tokens: {_fmt(tp, 1)} "
-                f"(codebook {summary['codebook_size']})", "",
+                f"(codebook {summary['codebook_size']})"]
+  train_ppl = [v["codes/perplexity"] for v in summary["final_losses"].values() if "codes/perplexity" in v]
+  if train_ppl and train_ppl[-1] < COLLAPSE_PERPLEXITY:
+    lines += ["", f"**warning: the tokenizer uses about {train_ppl[-1]:.1f} code(s) (code perplexity < "
+                  f"{COLLAPSE_PERPLEXITY:g}): its tokens carry almost no information, so the TTS and resynthesis "
+                  "WER and the internal SIM (every token sequence embeds alike) say little.**"]
+  lines += ["",
             "| phase | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in summary["phases"].items()]
   lines += [f"| total | {summary['total_seconds']:.1f} |", ""]

@@ -35,7 +35,7 @@ on token counts rounded up to BUCKETS (about x1.4 apart). Same inputs and seed g
 from __future__ import annotations
 
 import dataclasses
-import logging
+import json
 import math
 import os
 import time
@@ -48,8 +48,6 @@ import numpy as np
 
 from e2etts_jax import audio, checkpoint, text as text_lib
 from e2etts_jax.models import flow_matching, generation, vocoder as vocoder_lib
-
-log = logging.getLogger(__name__)
 
 # Token-count buckets for the tokenizer, RM and FM (x ~1.4 apart: at most ~40% padding, few compiles).
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
@@ -177,6 +175,14 @@ class Synthesizer:
     if not os.path.isdir(workdir):
       raise FileNotFoundError(f"workdir not found: {workdir}")
     spm_path = os.path.join(workdir, "spm.model")
+    for name in ("config.json", "data_info.json"):   # (missing ones are named by load_trained)
+      path = os.path.join(workdir, name)
+      if os.path.exists(path):
+        try:
+          with open(path) as f:
+            json.load(f)
+        except (ValueError, OSError) as e:
+          raise checkpoint.CheckpointError(f"{path} is damaged: {type(e).__name__}: {e}") from e
     try:
       system, params, meta = trainer.load_trained(workdir, step=step)
     except checkpoint.CheckpointError:

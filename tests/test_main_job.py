@@ -65,3 +65,6 @@ def test_final_losses_and_summary_table(tmp_path):
   assert "| tts | 40.00 [30.00, 50.00] | 4.00 |" in md
   assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
   assert "| stage2 | 6 |" in md and "code-usage perplexity" in md
+  assert "warning" not in md
+  losses["stage3"]["codes/perplexity"] = 1.0
+  assert "tokenizer uses about 1.0 code" in main_job.summary_markdown(summary)

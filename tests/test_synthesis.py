@@ -181,6 +181,12 @@ def test_load_errors_name_the_problem(workdir, tmp_path):
   # Not a training workdir at all.
   with pytest.raises(checkpoint.CheckpointError, match="config.json"):
     synthesis.Synthesizer.from_workdir(str(tmp_path))
+  # A damaged config.json.
+  damaged = tmp_path / "damaged"
+  shutil.copytree(workdir["run"], damaged)
+  (damaged / "config.json").write_text('{"audio": ')
+  with pytest.raises(checkpoint.CheckpointError, match="config.json is damaged"):
+    synthesis.Synthesizer.from_workdir(str(damaged))
   # A corrupt checkpoint: every array file of the state truncated.
   broken = tmp_path / "broken"
   shutil.copytree(workdir["run"], broken)
