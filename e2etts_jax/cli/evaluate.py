@@ -20,6 +20,8 @@ from typing import Sequence
 
 from absl import app, flags
 
+from e2etts_jax.cli import flag_parsing
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("list", None, "Seed-TTS-Eval meta.lst (utt|prompt_text|prompt_wav|target_text[|gt_wav]) or a "
                     "JSONL manifest (.jsonl).", flag_values=FLAGS)
@@ -50,18 +52,10 @@ flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for confidence inte
 flags.DEFINE_integer("mel_plots", 3, "Utterances that get a mel image in the report.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
 
-_HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
 
 def _parse_own(argv: Sequence[str]) -> list[str]:
-  """Parses this module's flags from argv ([program, ...]); returns what is left ([program, ...])."""
-  argv = list(argv)
-  if any(a in _HELP for a in argv[1:]):
-    print(__doc__)
-    print(FLAGS.get_help())
-    sys.exit(0)
-  FLAGS.unparse_flags()
-  return FLAGS(argv, known_only=True)
+  return flag_parsing.parse_own(FLAGS, __doc__, argv)
 
 
 def _exit_on_flag_error(parse, argv: list[str]) -> list[str]:

@@ -27,6 +27,8 @@ from typing import Sequence
 from absl import app, flags
 from absl import logging as absl_logging
 
+from e2etts_jax.cli import flag_parsing
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("workdir", None, "Training workdir (config.json, spm.model, checkpoints/).", flag_values=FLAGS)
 flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
@@ -46,19 +48,11 @@ flags.DEFINE_string("vocoder", "griffin_lim", "Registered vocoder name.", flag_v
 flags.DEFINE_bool("png", True, "Write a mel picture next to every wav.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar in batch mode.", flag_values=FLAGS)
 
-_HELP = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 REPORT_NAME = "synthesis.jsonl"
 
 
 def _parse_own(argv: Sequence[str]) -> list[str]:
-  """Parses this module's flags from argv ([program, ...]); returns what is left ([program, ...])."""
-  argv = list(argv)
-  if any(a in _HELP for a in argv[1:]):
-    print(__doc__)
-    print(FLAGS.get_help())
-    sys.exit(0)
-  FLAGS.unparse_flags()
-  return FLAGS(argv, known_only=True)
+  return flag_parsing.parse_own(FLAGS, __doc__, argv)
 
 
 def _read_requests(path: str, fmt: str) -> tuple[list[dict], list[dict]]:
