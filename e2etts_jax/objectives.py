@@ -56,6 +56,13 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     codes = jax.lax.stop_gradient(codes)
   usage = fsq_lib.code_usage(indices, tmask, system.fsq.codebook_size)
   metrics.update({f"codes/{k}": v for k, v in usage.items()})
+  metrics["codes/gradient_gain"] = jnp.sum(
+      jnp.mean(system.fsq.gradient_gain(system.fsq.bound(tok["latent"])), -1) * tmask) / jnp.maximum(jnp.sum(tmask), 1)
+  if w["usage"] and "tokenizer" in trainable:
+    usage_total, usage_metrics = system.fsq.usage_loss(tok["latent"], tmask, config.tokenizer.usage_temperature)
+    total += w["usage"] * usage_total
+    metrics["loss/usage"] = usage_total
+    metrics.update({f"codes/{k}": v for k, v in usage_metrics.items()})
 
   rm_apply = lambda c, m: system.rm.apply({"params": p["rm"]}, c, m)
   labels = (batch["ctc_ids"], batch["ctc_mask"], batch["speaker"], batch["aux"])

@@ -32,9 +32,11 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.Gradi
   def network_tx(name):
     if name not in trainable:
       return optax.set_to_zero()
+    scale = float(t.lr_scale[name])
+    net_lr = lr if scale == 1.0 else (lambda step: scale * lr(step))
     # Per-network clipping: one network's gradient spike must not shrink the others' updates.
     return optax.chain(optax.clip_by_global_norm(t.grad_clip),
-                       optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask))
+                       optax.adamw(net_lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask))
 
   return optax.multi_transform({n: network_tx(n) for n in NETWORKS},
                                lambda params: {n: jax.tree.map(lambda _: n, params[n]) for n in params})

@@ -68,6 +68,7 @@ def test_cascaded_keeps_the_step_budget():
   assert cas.train.stage3.steps == 0
   assert config_lib.parse_list(cas.train.stage1.trainable) == ("tokenizer", "rm")
   assert cas.train.stage1.weights.llm == 0 and cas.train.stage1.weights.fm == 0
+  assert cas.train.stage1.weights.usage == e2e.train.stage1.weights.usage > 0   # same anti-collapse term
 
 
 # One test per validate() rule: each breaks exactly one field and checks the message names it.
@@ -94,6 +95,7 @@ RULES = [
     ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
+    ("usage frozen", lambda c: setattr(c.train.stage2.weights, "usage", 0.5), "weights.usage=0.5"),
 ]
 
 

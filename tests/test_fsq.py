@@ -103,3 +103,36 @@ def test_code_usage_known_distributions():
   skew = code_usage(jnp.array([[1, 1, 2, 3]]), jnp.ones((1, 4), bool), 8)
   np.testing.assert_allclose(float(skew["entropy_bits"]), 1.5, rtol=1e-6)
   np.testing.assert_allclose(float(skew["perplexity"]), 2 ** 1.5, rtol=1e-5)
+
+
+def test_usage_loss_spread_vs_collapsed():
+  """Entropy part: -1 when every token is certain and the batch covers every level evenly, ~0 when all tokens
+  sit on one level; the range part is 0 inside the linear range."""
+  fsq = FSQ((3, 3))
+  mask = jnp.ones((300,), bool)
+  # Latents at the three level centres of each channel (pre-images of -1, 0, 1), 100 tokens each, scaled up so the
+  # soft assignment is near one-hot: temperature 1e-3 makes it exactly so.
+  centres = jnp.repeat(jnp.array([[-1.0, -1.0], [0.0, 0.0], [1.0, 1.0]]), 100, axis=0)
+  z = jnp.arctanh(centres * 0.99)   # bound = 0.99 * 0.999 * centre: rounds to the centre
+  spread, m = fsq.usage_loss(z, mask, temperature=1e-3, linear_range=10.0)
+  np.testing.assert_allclose(float(spread), -1.0, atol=1e-5)
+  np.testing.assert_allclose(float(m["batch_entropy"]), 1.0, atol=1e-5)
+  collapsed, m = fsq.usage_loss(jnp.zeros((300, 2)), mask, temperature=1e-3, linear_range=10.0)
+  np.testing.assert_allclose(float(collapsed), 0.0, atol=1e-5)
+  assert float(m["batch_entropy"]) < 1e-5 and float(m["range"]) == 0.0
+  # Masked tokens do not count: 200 of the spread tokens masked out leaves one level per channel.
+  part, _ = fsq.usage_loss(z, jnp.arange(300) < 100, temperature=1e-3, linear_range=10.0)
+  np.testing.assert_allclose(float(part), 0.0, atol=1e-5)
+
+
+def test_usage_range_term_pulls_saturated_latents_back():
+  """A saturated latent gets almost no gradient through the tanh (gradient_gain ~ 0), but the range term's
+  gradient on it is 2 * excess, pointing back towards the linear range."""
+  fsq = FSQ((5,))
+  z = jnp.array([[6.0], [0.1]])
+  gain = np.asarray(fsq.gradient_gain(fsq.bound(z)))
+  assert gain[0, 0] < 1e-4 and gain[1, 0] > 0.98
+  np.testing.assert_allclose(gain[1, 0], 1 - np.tanh(0.1) ** 2, rtol=1e-4)
+  grad = jax.grad(lambda z: fsq.usage_loss(z, jnp.ones((2,), bool), linear_range=1.5)[0])(z)
+  # d/dz of (1/2) * (6 - 1.5)^2 (mean over 2 tokens); the entropy part adds ~0 at saturation.
+  np.testing.assert_allclose(float(grad[0, 0]), 4.5, rtol=1e-3)

@@ -74,6 +74,55 @@ class FSQ:
     """[codebook_size, dim]: row i is indices_to_codes(i)."""
     return self.indices_to_codes(jnp.arange(self.codebook_size, dtype=jnp.int32))
 
+  def gradient_gain(self, bounded: Array) -> Array:
+    """[..., dim] bounded values -> [..., dim] d bound / d z relative to its maximum (1 - tanh^2): near 0 the
+    channel is saturated and no loss can move it any more (a collapse mechanism worth watching)."""
+    t = (bounded.astype(jnp.float32) * self._half_width + self._offset) / self._half_l
+    return 1.0 - jnp.square(t)
+
+  def level_probs(self, bounded: Array, temperature: float = 1.0) -> Array:
+    """Soft assignment of each channel's bounded value to its levels.
+
+    bounded [..., dim] (from `bound`) -> [..., dim, max(levels)] float32 probabilities, softmax of the negative
+    squared distance in level units (adjacent levels are 1 apart) over temperature; slots past a channel's own
+    level count are 0. Rounding picks the argmax, so this is the differentiable stand-in for the code choice.
+    """
+    max_l = max(self.levels)
+    steps = np.arange(max_l, dtype=np.float32)[None, :] - self._half_width[:, None]      # [dim, max_l]
+    valid = np.arange(max_l)[None, :] < self._levels[:, None]
+    dist = bounded.astype(jnp.float32)[..., None] * self._half_width[:, None] - steps
+    logits = jnp.where(valid, -jnp.square(dist) / temperature, -jnp.inf)
+    return jax.nn.softmax(logits, axis=-1)
+
+  def usage_loss(self, z: Array, mask: Array, temperature: float = 1.0,
+                 linear_range: float = 1.5) -> tuple[Array, dict[str, Array]]:
+    """The code-usage (anti-collapse) term of the tokenizer, from its pre-quantisation latents z [..., dim]:
+
+      entropy:  mean per-token level entropy minus the entropy of the batch's mean level distribution, per
+                channel, each divided by log(levels[j]), averaged over channels (in [-1, 1]); lowering it makes
+                each token's choice confident while the batch spreads over every level of every channel (the
+                entropy penalty of lookup-free quantisers, per FSQ channel: the joint codebook is too big to soften);
+      range:    mean squared excess of |z| (centred as `bound` centres it) over `linear_range`: a tanh pushed
+                past ~2 passes almost no gradient (see `gradient_gain`), so a saturated channel can never be
+                moved again by any loss; this pull back needs no gradient through the tanh.
+
+    mask [...] bool. Returns (entropy + range, {'sample_entropy', 'batch_entropy' in [0, 1], 'range'}).
+    """
+    z = z.astype(jnp.float32)
+    p = self.level_probs(self.bound(z), temperature)                                     # [..., dim, max_l]
+    valid = jnp.asarray(mask, jnp.float32)
+    n = jnp.maximum(jnp.sum(valid), 1.0)
+    w = valid[..., None, None]
+    plogp = lambda q: jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
+    norm = np.log(self._levels.astype(np.float32))
+    sample_h = -jnp.sum(jnp.sum(plogp(p) * w, axis=-1).reshape(-1, self.dim), axis=0) / n / norm
+    mean_p = jnp.sum((p * w).reshape(-1, *p.shape[-2:]), axis=0) / n                      # [dim, max_l]
+    batch_h = -jnp.sum(plogp(mean_p), axis=-1) / norm
+    excess = jnp.square(jax.nn.relu(jnp.abs(z + self._shift) - linear_range))
+    range_loss = jnp.sum(jnp.mean(excess, -1) * valid) / n
+    loss = jnp.mean(sample_h - batch_h) + range_loss
+    return loss, dict(sample_entropy=jnp.mean(sample_h), batch_entropy=jnp.mean(batch_h), range=range_loss)
+
 
 def code_usage(indices: Array, mask: Array, codebook_size: int) -> dict[str, Array]:
   """Codebook statistics over the valid tokens.

@@ -44,8 +44,8 @@ class SpeechTokenizer(nn.Module):
   def __call__(self, mel: Array, mel_mask: Array) -> dict[str, Array]:
     """mel [B, F, n_mels] float, mel_mask [B, F] bool (F divisible by tokenizer.downsample).
 
-    Returns dict(codes=[B, T, D] float32 straight-through codes, indices=[B, T] int32, mask=[B, T] bool) with
-    T = F // downsample. Outputs at invalid tokens are computed but meaningless; use `mask`.
+    Returns dict(codes=[B, T, D] float32 straight-through codes, indices=[B, T] int32, mask=[B, T] bool,
+    latent=[B, T, D] float32 FSQ inputs for the code-usage term) with T = F // downsample. Outputs at invalid tokens are computed but meaningless; use `mask`.
     """
     cfg = self.config.tokenizer
     ds = int(cfg.downsample)
@@ -72,4 +72,4 @@ class SpeechTokenizer(nn.Module):
     h, _ = layers.Transformer(tcfg, name="encoder")(h, mask)
     z = layers.dense(fsq.dim, ("embed", None), tcfg.dtype, "to_fsq", use_bias=True)(h)
     codes, indices = fsq.quantize(z.astype(jnp.float32))
-    return dict(codes=codes, indices=indices, mask=mask)
+    return dict(codes=codes, indices=indices, mask=mask, latent=z.astype(jnp.float32))
