@@ -48,6 +48,7 @@ setup(
             "e2etts-synthesize=e2etts_jax.cli.synthesize:run",
             "e2etts-eval=e2etts_jax.cli.evaluate:run",
             "e2etts-bench=e2etts_jax.cli.bench:run",
+            "e2etts-ablate=e2etts_jax.cli.ablate:run",
         ]
     },
 )

@@ -1,0 +1,255 @@
+"""The ablation runner: variants x seeds of the main job on one corpus, one results.json per run, and the results
+table (docs/results.md) rendered from every saved results.json, never typed by hand.
+
+  e2etts-ablate --config configs/small.py --variants e2e,cascaded,recognition_tokenizer --seeds 0,1,2 \
+      --out runs/ablate [--config.train.stage1.steps=...]
+  e2etts-ablate --report_only --out runs/ablate --md docs/results.md
+
+Each run is `main_job.run` (train -> TTS / resynthesis / ceiling judged by pocketsphinx) in <out>/<variant>/seed<k>
+with the corpus and shards shared, model seed = data-order seed = eval seed = k, so for a given seed every variant is
+scored on the same sentences with the same prompts (paired). A finished run (its results.json exists) is skipped,
+so an interrupted study resumes where it stopped.
+
+Variants (same config, data, eval items and total step budget):
+  e2e                    stages 1 -> 2 -> 3: the method
+  cascaded               config_lib.make_cascaded: recognition-only tokenizer, networks trained separately
+  recognition_tokenizer  stage 1 trains only tokenizer + RM, on recognition; then stages 2 -> 3 exactly as e2e:
+                         isolates what the joint stage-1 objective does to the token space
+  no_usage               e2e without the tokenizer's code-usage term (what the anti-collapse term buys)
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import subprocess
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import ml_collections
+import numpy as np
+
+from e2etts_jax import config_lib
+
+
+def _recognition_tokenizer(c: ml_collections.ConfigDict) -> None:
+  c.train.stage1.trainable = "tokenizer,rm"
+  usage = c.train.stage1.weights.usage
+  c.train.stage1.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS})
+  c.train.stage1.weights.update(rm=1.0, usage=usage)
+
+
+VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
+    "e2e": lambda c: None,
+    "cascaded": config_lib.make_cascaded,
+    "recognition_tokenizer": _recognition_tokenizer,
+    "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
+}
+
+# The paper's claims as paired comparisons: (system a, system b, metric); the claim is that a's metric is lower.
+CLAIMS = (
+    ("e2e", "cascaded", "tts"),
+    ("e2e", "recognition_tokenizer", "resynthesis"),
+    ("e2e", "recognition_tokenizer", "tts"),
+    ("e2e", "no_usage", "resynthesis"),
+)
+SYSTEMS = ("tts", "resynthesis", "ceiling")
+
+
+def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int) -> ml_collections.ConfigDict:
+  """A copy of `config` turned into `variant` with every seed set to `seed`."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+  c = ml_collections.ConfigDict(config.to_dict())
+  VARIANTS[variant](c)
+  c.seed = seed
+  c.data.shuffle_seed = seed
+  return c
+
+
+def _commit() -> Optional[str]:
+  try:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return out.stdout.strip() or None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
+def machine() -> str:
+  import jax
+  dev = jax.devices()[0]
+  kind = f"{jax.device_count()}x {dev.device_kind}" if jax.default_backend() != "cpu" else "CPU"
+  return f"{kind}, {os.cpu_count()} cores ({platform.machine()})"
+
+
+def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str]) -> dict:
+  """The results.json content of one run, from main_job's summary and the per-utterance eval results."""
+  ev = summary["eval"]
+  ceiling = (ev.get("ceiling") or {}).get("wer")
+  per_utt = {}
+  for system in SYSTEMS:
+    path = os.path.join(workdir, "eval", system, "results.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        per_utt[system] = {u["utt"]: u["wer"] for u in json.load(f)["utterances"]}
+  stage1 = summary["final_losses"].get("stage1", {})
+  return {
+      "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
+      "steps": summary["steps"], "overrides": list(overrides),
+      "batch_size": summary.get("batch_size"), "machine": machine(), "commit": _commit(),
+      "date": datetime.date.today().isoformat(),
+      "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],
+      "wer": {s: (ev.get(s) or {}).get("wer") for s in SYSTEMS},
+      "ratio": {s: (ev[s]["wer"] / ceiling if ev.get(s) and ev[s].get("wer") is not None and ceiling else None)
+                for s in ("tts", "resynthesis")},
+      "sim": (ev.get("tts") or {}).get("sim"),
+      "code_perplexity": stage1.get("codes/perplexity"),
+      "final_losses": summary["final_losses"],
+      "eval_items": summary["eval_items"], "per_utterance_wer": per_utt,
+  }
+
+
+def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[str], seeds: Sequence[int], *,
+              corpus_dir: str, num_utterances: int, eval_items: int, overrides: Sequence[str] = (),
+              progress: bool = True) -> list[str]:
+  """Trains and scores every (variant, seed) not done yet; returns the results.json paths of all of them."""
+  from e2etts_jax import main_job
+  for v in variants:
+    if v not in VARIANTS:
+      raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+  out = os.path.abspath(out)
+  if not config.data.shards:
+    config.data.shards = os.path.join(out, "shards")
+  paths = []
+  for seed in seeds:
+    for v in variants:
+      workdir = os.path.join(out, v, f"seed{seed}")
+      path = os.path.join(workdir, "results.json")
+      paths.append(path)
+      if os.path.exists(path):
+        print(f"[ablate] {v} seed {seed}: done before ({path})", flush=True)
+        continue
+      print(f"[ablate] {v} seed {seed} -> {workdir}", flush=True)
+      c = variant_config(config, v, seed)
+      summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
+                             eval_items=eval_items, eval_seed=seed, progress=progress)
+      summary["batch_size"] = int(c.data.batch_size)
+      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides)
+      tmp = path + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(res, f, indent=1, default=float)
+      os.replace(tmp, path)   # a results.json is either whole or absent
+  return paths
+
+
+def load_results(roots: Iterable[str]) -> list[dict]:
+  """Every <root>/**/results.json written by `run_study` (eval folders' own results.json are skipped)."""
+  rows = []
+  for root in roots:
+    for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
+      with open(path, encoding="utf-8") as f:
+        r = json.load(f)
+      if "variant" in r and "ratio" in r:
+        r["path"] = path
+        rows.append(r)
+  return rows
+
+
+def _budget(r: Mapping) -> str:
+  s = r["steps"]
+  return f"{s['stage1']}/{s['stage2']}/{s['stage3']} x {r.get('batch_size') or '?'}"
+
+
+def _num(x, fmt="{:.2f}") -> str:
+  return "-" if x is None or (isinstance(x, float) and not math.isfinite(x)) else fmt.format(x)
+
+
+def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
+  """Paired comparison of variant a against b on `system`'s WER ratio, over the seeds both have (same config and
+  budget): per-variant mean/std over seeds, paired t-test over seeds, and a paired bootstrap over utterances
+  pooled across those seeds."""
+  from scipy import stats as sstats
+  from e2etts_jax.evaluation import stats
+  key = lambda r: (r["config"], _budget(r), r["seed"])
+  ra = {key(r): r for r in rows if r["variant"] == a and r["ratio"].get(system) is not None}
+  rb = {key(r): r for r in rows if r["variant"] == b and r["ratio"].get(system) is not None}
+  common = sorted(set(ra) & set(rb))
+  if not common:
+    return None
+  xa = np.array([ra[k]["ratio"][system] for k in common])
+  xb = np.array([rb[k]["ratio"][system] for k in common])
+  ua, ub = [], []
+  for k in common:
+    pa, pb = ra[k]["per_utterance_wer"].get(system, {}), rb[k]["per_utterance_wer"].get(system, {})
+    for utt in sorted(set(pa) & set(pb)):
+      ua.append(100.0 * pa[utt])   # per-utterance WERs are fractions; the table speaks in WER %
+      ub.append(100.0 * pb[utt])
+  t_p = float(sstats.ttest_rel(xa, xb).pvalue) if len(common) >= 2 and np.any(xa != xb) else None
+  boot = stats.paired_bootstrap(ua, ub, seed=0) if ua else None
+  return {"a": a, "b": b, "system": system, "n_seeds": len(common), "configs": sorted({k[:2] for k in common}),
+          "mean_a": float(xa.mean()), "std_a": float(xa.std(ddof=1)) if len(xa) > 1 else 0.0,
+          "mean_b": float(xb.mean()), "std_b": float(xb.std(ddof=1)) if len(xb) > 1 else 0.0,
+          "t_test_p": t_p, "n_utterances": len(ua),
+          "utt_diff": boot["diff"] if boot else None, "utt_p": boot["p_value"] if boot else None}
+
+
+def _verdict(c: Mapping) -> str:
+  p = c["t_test_p"]
+  if c["n_seeds"] < 3:
+    return f"too few seeds ({c['n_seeds']} < 3)"
+  lower = c["mean_a"] < c["mean_b"]
+  if p is not None and p < 0.05:
+    return f"{c['a'] if lower else c['b']} lower (p = {p:.3f})"
+  return "no significant difference" + (f" (p = {p:.2f})" if p is not None else "")
+
+
+def results_markdown(rows: Sequence[Mapping]) -> str:
+  """The results page: every run, then each claim's paired comparison."""
+  rows = sorted(rows, key=lambda r: (r["config"], _budget(r), r["variant"], r["seed"]))
+  lines = ["# Results", "",
+           "Produced by `e2etts-ablate --report_only` from the runs' results.json files; do not edit by hand.",
+           "WER is pocketsphinx's (Seed-TTS-Eval normalisation) on held-out sentences with same-speaker prompts; "
+           "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
+           "Budget: steps of stage 1/2/3 x batch size.", "",
+           "## Runs", "",
+           "| config | budget | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | ceiling WER % | "
+           "code perplexity | train min | date | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    ceil = r["wer"].get("ceiling")
+    lines.append(
+        f"| {r['config']} | {_budget(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
+        f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
+        f"{_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
+        f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
+  lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
+            "Lower is better. t-test: paired over seeds on the ratio; utterance bootstrap: paired over every scored "
+            "sentence of those seeds (mean WER difference a - b, in WER %).", "",
+            "| claim: a beats b on | config, budget | seeds | a: mean ± std | b: mean ± std | t-test p | "
+            "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]
+  budgets = sorted({(r["config"], _budget(r)) for r in rows})
+  for cfg, budget in budgets:
+    subset = [r for r in rows if (r["config"], _budget(r)) == (cfg, budget)]
+    for a, b, system in CLAIMS:
+      c = compare(subset, a, b, system)
+      if c is None:
+        continue
+      utt = f"{c['utt_diff']:+.1f} ({c['utt_p']:.3f})" if c["utt_diff"] is not None else "-"
+      lines.append(f"| {a} vs {b}: {system} | {cfg}, {budget} | {c['n_seeds']} | {c['mean_a']:.2f} ± "
+                   f"{c['std_a']:.2f} | {c['mean_b']:.2f} ± {c['std_b']:.2f} | {_num(c['t_test_p'], '{:.3f}')} | "
+                   f"{utt} | {_verdict(c)} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_report(roots: Iterable[str], md_path: str) -> str:
+  rows = load_results(roots)
+  if not rows:
+    raise FileNotFoundError(f"no ablation results.json under {', '.join(roots)}")
+  text = results_markdown(rows)
+  os.makedirs(os.path.dirname(os.path.abspath(md_path)), exist_ok=True)
+  with open(md_path, "w", encoding="utf-8") as f:
+    f.write(text)
+  return text

@@ -1,0 +1,110 @@
+"""The ablation runner: variant configs, resumable runs, results.json content and the rendered claims table."""
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats as sstats
+
+from e2etts_jax import ablate, config_lib
+
+
+def test_variant_configs_change_only_what_they_name():
+  base = config_lib.get_config("small")
+  e2e = ablate.variant_config(base, "e2e", 3)
+  assert e2e.seed == 3 and e2e.data.shuffle_seed == 3
+  e2e.seed = e2e.data.shuffle_seed = base.seed
+  assert e2e.to_dict() == base.to_dict()
+  rec = ablate.variant_config(base, "recognition_tokenizer", 0)
+  assert config_lib.parse_list(rec.train.stage1.trainable) == ("tokenizer", "rm")
+  w = rec.train.stage1.weights
+  assert (w.rm, w.llm, w.fm, w.usage) == (1.0, 0.0, 0.0, base.train.stage1.weights.usage)
+  # Stages 2 and 3 are those of e2e: only the tokenizer's objective differs.
+  for s in ("stage2", "stage3"):
+    assert rec.train[s].to_dict() == base.train[s].to_dict()
+  cas = ablate.variant_config(base, "cascaded", 0)
+  assert cas.train.mode == "cascaded" and cas.train.stage3.steps == 0
+  assert ablate.variant_config(base, "no_usage", 0).train.stage1.weights.usage == 0.0
+  assert base.train.stage1.weights.usage > 0   # the copies never touch the original
+  for v in ablate.VARIANTS:
+    config_lib.validate(ablate.variant_config(base, v, 0), 1)
+  with pytest.raises(ValueError, match="unknown variant 'e2f'"):
+    ablate.variant_config(base, "e2f", 0)
+
+
+def _summary(workdir, tts, resyn, ceiling, utts):
+  """A main-job summary plus the eval folders' per-utterance results, as main_job.run leaves them."""
+  for system, wer in (("tts", tts), ("resynthesis", resyn), ("ceiling", ceiling)):
+    d = os.path.join(workdir, "eval", system)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "results.json"), "w") as f:
+      json.dump({"summary": {}, "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i}
+                                               for i, u in enumerate(utts)]}, f)
+  ev = lambda w: {"wer": w, "wer_ci": [w - 1, w + 1], "sim": 0.5, "rtf": 0.4, "scored": len(utts), "failed": 0}
+  return {"config_name": "tiny", "mode": "e2e", "steps": {"stage1": 4, "stage2": 2, "stage3": 2},
+          "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
+          "final_losses": {"stage1": {"codes/perplexity": 7.0}}, "eval_items": len(utts),
+          "phases": {"train": 60.0}, "total_seconds": 90.0}
+
+
+def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch):
+  from e2etts_jax import main_job
+  calls = []
+  wers = {"e2e": 40.0, "cascaded": 60.0}
+
+  def fake_run(config, workdir, **kw):
+    calls.append((config.train.mode, config.seed, kw["eval_seed"], os.path.basename(os.path.dirname(workdir))))
+    return _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
+                    ["a", "b", "c"])
+
+  monkeypatch.setattr(main_job, "run", fake_run)
+  c = config_lib.get_config("tiny")
+  paths = ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
+                           eval_items=3, progress=False)
+  assert [(m, s, e, v) for m, s, e, v in calls] == [("e2e", 0, 0, "e2e"), ("cascaded", 0, 0, "cascaded"),
+                                                  ("e2e", 1, 1, "e2e"), ("cascaded", 1, 1, "cascaded")]
+  r = json.load(open(paths[2]))
+  assert (r["variant"], r["seed"]) == ("e2e", 1)
+  np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
+  np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
+  assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
+  assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
+  # A second call finds every results.json and trains nothing.
+  ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
+                   eval_items=3, progress=False)
+  assert len(calls) == 4
+
+
+def _row(variant, seed, tts, utt_wers):
+  return {"variant": variant, "seed": seed, "config": "small", "steps": {"stage1": 2, "stage2": 1, "stage3": 1},
+          "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
+          "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))}}
+
+
+def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
+  a = [1.2, 1.5, 1.1]
+  b = [1.9, 2.4, 1.7]
+  rows = [_row("e2e", s, a[s], [0.1, 0.2, 0.3]) for s in range(3)]
+  rows += [_row("cascaded", s, b[s], [0.3, 0.2, 0.6]) for s in range(3)]
+  for r in rows:
+    d = tmp_path / r["variant"] / f"seed{r['seed']}"
+    (d / "eval" / "tts").mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(r))
+    (d / "eval" / "tts" / "results.json").write_text(json.dumps({"summary": {}, "utterances": []}))
+  loaded = ablate.load_results([str(tmp_path)])
+  assert len(loaded) == 6   # the eval folders' own results.json are not runs
+  c = ablate.compare(loaded, "e2e", "cascaded", "tts")
+  assert c["n_seeds"] == 3 and c["n_utterances"] == 9
+  np.testing.assert_allclose([c["mean_a"], c["std_a"]], [np.mean(a), np.std(a, ddof=1)])
+  np.testing.assert_allclose(c["t_test_p"], sstats.ttest_rel(a, b).pvalue)
+  np.testing.assert_allclose(c["utt_diff"], 100 * np.mean(np.array([0.1, 0.2, 0.3]) - [0.3, 0.2, 0.6]))
+  md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
+  assert md == (tmp_path / "docs" / "results.md").read_text()
+  assert "| small | 2/1/1 x 8 | cascaded | 0 | CPU | 1.90 | - | 20.0 |" in md
+  p = sstats.ttest_rel(a, b).pvalue
+  assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
+  # With two seeds the verdict says so instead of testing.
+  two = [r for r in loaded if r["seed"] < 2]
+  assert "too few seeds (2 < 3)" in ablate.results_markdown(two)
+  with pytest.raises(FileNotFoundError, match="no ablation results.json"):
+    ablate.write_report([str(tmp_path / "nothing")], str(tmp_path / "x.md"))
