@@ -437,6 +437,20 @@ class Synthesizer:
     return Result(wav=out, sample_rate=self.sample_rate, mel=out_mel, tokens=tokens,
                   rtf=timings["total"] / max(out.shape[0] / self.sample_rate, 1e-9), timings=timings)
 
+  def resynthesis_mel_error(self, mels: Sequence[np.ndarray], seed: Optional[int] = None) -> float:
+    """Mean over utterances of the mean squared error (log-mel units^2) of ground truth -> tokenizer -> FM against
+    the ground truth, no vocoder: how much of the mel the tokens and FM keep. mels: [frames, n_mels] each
+    (frames past a multiple of the tokenizer's downsampling are dropped)."""
+    rng = jax.random.key(self.seed if seed is None else int(seed))
+    errors = []
+    for i, mel in enumerate(mels):
+      n = (mel.shape[0] // self.ds) * self.ds
+      if n == 0:
+        raise SynthesisError(f"resynthesis_mel_error: utterance {i} is shorter than one token")
+      out = self.decode_tokens(self.tokenize_mel(mel[:n]), jax.random.fold_in(rng, i))
+      errors.append(float(np.mean(np.square(out - np.asarray(mel[:n], np.float32)))))
+    return float(np.mean(errors))
+
   def warmup(self, prompt: bool = True) -> float:
     """Compiles the LLM loops (with and without a prompt) and a small FM bucket; returns seconds taken."""
     t0 = time.perf_counter()
