@@ -168,6 +168,13 @@ _SIZES = {
         train={"steps": (60, 30, 30)},
     ),
     "small": dict(),
+    # small's audio, text and data with quarter-size networks: the size of multi-seed ablation studies on a
+    # 2-core CPU (launch/ablate.sh), where `small` costs ~25 min per run.
+    "mini": dict(
+        nets={n: (96, 2, 4, 2 if n == "llm" else 4, 256) for n in NETWORKS},
+        data={"batch_size": 8, "max_seconds": 5.0, "max_frames": 250, "bucket_boundaries": (250,)},
+        train={"steps": (400, 200, 200)},
+    ),
     "base": dict(
         nets={"tokenizer": (512, 8, 8, 8, 1536), "llm": (512, 12, 8, 4, 1536),
               "fm": (512, 8, 8, 8, 1536), "rm": (512, 6, 8, 8, 1536)},
