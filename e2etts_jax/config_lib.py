@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
       "prompt_max_frac": 0.3,
       "ode_steps": 10,
       "guidance": 0.7,
+      "temperature": 1.0,         # initial-noise scale of sampling (flow_matching.sample)
   })
 
   c.rm = ml_collections.ConfigDict({

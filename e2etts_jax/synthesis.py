@@ -202,7 +202,7 @@ class Synthesizer:
   def _build_functions(self) -> None:
     s, fsq = self.system, self.system.fsq
     steps, guidance = int(self.config.fm.ode_steps), float(self.config.fm.guidance)
-    sigma_min = float(self.config.fm.sigma_min)
+    sigma_min, temperature = float(self.config.fm.sigma_min), float(self.config.fm.temperature)
 
     def tokenize(p, mel, mel_mask):
       out = s.tokenizer.apply({"params": p}, mel, mel_mask)
@@ -215,7 +215,7 @@ class Synthesizer:
       apply_fn = lambda *a: s.fm.apply({"params": p}, *a)
       codes = fsq.indices_to_codes(indices) * code_mask[..., None]
       return flow_matching.sample(apply_fn, rng, codes, code_mask, prompt_mel, prompt_mask, spk, mel_mask,
-                                  steps=steps, guidance=guidance, sigma_min=sigma_min)
+                                  steps=steps, guidance=guidance, sigma_min=sigma_min, temperature=temperature)
 
     self._tokenize = jax.jit(tokenize)
     self._spk_embed = jax.jit(spk_embed)

@@ -107,14 +107,14 @@ def _reference_sample(field, x0, grid, guidance, cond, uncond):
   return x
 
 
-@pytest.mark.parametrize("guidance", [0.0, 0.7])
-def test_cfg_matches_reference_euler(tiny_config, guidance):
+@pytest.mark.parametrize("guidance,temperature", [(0.0, 1.0), (0.7, 1.0), (0.7, 0.5)])
+def test_cfg_matches_reference_euler(tiny_config, guidance, temperature):
   mel, mel_mask, codes, code_mask, spk = _batch(tiny_config)
   prompt_mask = jnp.arange(mel.shape[1])[None] < 4
   steps, rng = 5, jax.random.key(5)
   out = fm.sample(_cond_field, rng, codes, code_mask, mel, prompt_mask, spk, mel_mask, steps=steps,
-                  guidance=guidance, sigma_min=0.0)
-  x0 = jax.random.normal(rng, mel.shape)
+                  guidance=guidance, sigma_min=0.0, temperature=temperature)
+  x0 = temperature * jax.random.normal(rng, mel.shape)
   prompt = jnp.where(prompt_mask[..., None], fm.normalize_mel(mel), 0.0)
   cond = (codes, code_mask, prompt, spk, mel_mask)
   uncond = (codes, jnp.zeros_like(code_mask), jnp.zeros_like(prompt), jnp.zeros_like(spk), mel_mask)
