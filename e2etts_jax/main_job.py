@@ -127,7 +127,9 @@ def pick_items(items: list, limit: int) -> list:
 
 
 def final_losses(workdir: str) -> dict[str, dict[str, float]]:
-  """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage."""
+  """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage, plus
+  'early/<loss>' and 'late/<loss>': the mean of each loss term over the first and the last third of the stage's
+  logged steps (single-batch values are noisy, the FM's most: its flow time is drawn per batch)."""
   from e2etts_jax import metric_writer
   rows = metric_writer.read_metrics(workdir)
   config = json.load(open(os.path.join(workdir, "config.json")))
@@ -144,6 +146,12 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
       continue
     last = stage_rows[-1]
     keep = {k: v for k, v in last.items() if k.startswith("loss/") or k == "codes/perplexity"}
+    third = max(1, len(stage_rows) // 3)
+    for k in (k for k in last if k.startswith("loss/")):
+      early = [r[k] for r in stage_rows[:third] if k in r]
+      late = [r[k] for r in stage_rows[-third:] if k in r]
+      if early and late:
+        keep[f"early/{k}"], keep[f"late/{k}"] = sum(early) / len(early), sum(late) / len(late)
     sps = [r["steps_per_s"] for r in stage_rows if r.get("steps_per_s")]
     if sps:
       keep["step_s"] = 1.0 / (sum(sps) / len(sps))
@@ -176,12 +184,20 @@ def summary_markdown(summary: Mapping) -> str:
     ratio = w / ceil_wer if w is not None and ceil_wer else None
     lines.append(f"| {name} | {wer_s} | {_fmt(ratio)} | {_fmt(r.get('sim'), 3)} | {_fmt(r.get('rtf'), 3)} | "
                  f"{r['scored']} / {r['failed']} |")
-  lines += ["", "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step |",
+  lines += ["", "Losses: mean over the first -> the last third of each stage's logged steps.", "",
+            "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step |",
             "|---|---|" + "---|" * (len(summary["loss_keys"]) + 2)]
+  rose = []
   for stage, vals in summary["final_losses"].items():
-    lines.append(f"| {stage} | {int(vals['step'])} | "
-                 + " | ".join(_fmt(vals.get(k), 3) for k in summary["loss_keys"])
+    cells = []
+    for k in summary["loss_keys"]:
+      first, last = vals.get(f"early/{k}"), vals.get(f"late/{k}")
+      cells.append(_fmt(vals.get(k), 3) if first is None or last is None else f"{first:.3f} -> {last:.3f}")
+      if first is not None and last is not None and last >= first:
+        rose.append(f"{stage} {k}")
+    lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} |")
+  lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
   tp = summary.get("tts_code_perplexity")
   lines += ["", f"code-usage perplexity of the synthesised test tokens: {_fmt(tp, 1)} "
                 f"(codebook {summary['codebook_size']})"]

@@ -53,6 +53,9 @@ def test_final_losses_and_summary_table(tmp_path):
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   losses = main_job.final_losses(str(tmp_path))
   assert losses["stage1"]["loss/total"] == 6.0 and losses["stage1"]["step"] == 4
+  # Early/late: means over the first and last third of each stage's logged rows (stage 1 logs steps 1-4).
+  assert losses["stage1"]["early/loss/total"] == 9.0 and losses["stage1"]["late/loss/total"] == 6.0
+  assert losses["stage2"]["early/loss/fm"] == 1.0 / 5 and losses["stage2"]["late/loss/fm"] == 1.0 / 6
   assert losses["stage2"]["codes/perplexity"] == 9.0 and losses["stage3"]["step_s"] == 0.5
   ev = {"wer": 40.0, "wer_ci": [30.0, 50.0], "sim": 0.8, "rtf": 0.5, "scored": 3, "failed": 0}
   summary = {
@@ -64,7 +67,10 @@ def test_final_losses_and_summary_table(tmp_path):
   md = main_job.summary_markdown(summary)
   assert "| tts | 40.00 [30.00, 50.00] | 4.00 |" in md
   assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
-  assert "| stage2 | 6 |" in md and "code-usage perplexity" in md
+  assert "| stage2 | 6 | 5.000 -> 4.000 | 0.200 -> 0.167 |" in md and "code-usage perplexity" in md
+  assert "every loss term fell within its stage" in md
   assert "warning" not in md
+  losses["stage3"]["late/loss/fm"] = 0.5
+  assert "did not fall: stage3 loss/fm" in main_job.summary_markdown(summary)
   losses["stage3"]["codes/perplexity"] = 1.0
   assert "tokenizer uses about 1.0 code" in main_job.summary_markdown(summary)
