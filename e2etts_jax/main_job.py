@@ -31,6 +31,7 @@ import time
 from typing import Any, Callable, Mapping, Optional
 
 import ml_collections
+import numpy as np
 
 # Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line. Measured on 2
 # cores shared with other jobs (load ~5): at batch 16 a stage-1 step takes ~7.5 s at 200 frames and ~12 s at 400
@@ -117,13 +118,43 @@ def pick_items(items: list, limit: int) -> list:
     return list(items)
   by_speaker: dict[str, list] = collections.OrderedDict()
   for it in sorted(items, key=lambda i: i.utt):
-    by_speaker.setdefault(it.utt.rsplit("_", 2)[0], []).append(it)
+    by_speaker.setdefault(speaker_of(it.utt), []).append(it)
   out, queues = [], [list(v) for v in by_speaker.values()]
   while len(out) < limit:
     for q in queues:
       if q and len(out) < limit:
         out.append(q.pop(0))
   return sorted(out, key=lambda i: i.utt)
+
+
+def speaker_of(utt: str) -> str:
+  """The corpus speaker of an utterance id (`<speaker>_<index>_<hash>`)."""
+  return utt.rsplit("_", 2)[0]
+
+
+def speaker_ranking(embed: Callable[[str], np.ndarray], items: list, wav_dirs: Mapping[str, str]) -> dict:
+  """How often the RM's speaker embedding ranks the prompt's speaker first, per system.
+
+  Each speaker's reference is the normalised mean embedding of its items' ground-truth recordings; an output
+  counts when its embedding's cosine is highest with its own (= the prompt's) speaker's reference.
+  embed: wav path -> [E] embedding; wav_dirs: {system: folder of <utt>.wav}. Returns {system: {top1, n}} and
+  'speakers': the number of candidate speakers (chance is 1/speakers).
+  """
+  unit = lambda v: np.asarray(v, np.float64) / max(float(np.linalg.norm(v)), 1e-12)
+  by_speaker: dict[str, list] = collections.defaultdict(list)
+  for it in items:
+    if it.gt_wav:
+      by_speaker[speaker_of(it.utt)].append(unit(embed(it.gt_wav)))
+  names = sorted(by_speaker)
+  if len(names) < 2:
+    return {"speakers": len(names)}
+  refs = np.stack([unit(np.mean(by_speaker[n], axis=0)) for n in names])
+  out: dict[str, Any] = {"speakers": len(names)}
+  for system, folder in wav_dirs.items():
+    hits = [names[int(np.argmax(refs @ unit(embed(path))))] == speaker_of(it.utt)
+            for it in items if os.path.exists(path := os.path.join(folder, f"{it.utt}.wav"))]
+    out[system] = {"top1": float(np.mean(hits)) if hits else None, "n": len(hits)}
+  return out
 
 
 def final_losses(workdir: str) -> dict[str, dict[str, float]]:
@@ -198,6 +229,12 @@ def summary_markdown(summary: Mapping) -> str:
     lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} |")
   lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
+  rank = summary.get("speaker_ranking") or {}
+  if rank.get("speakers", 0) >= 2:
+    cells = [f"{k} {100 * rank[k]['top1']:.0f}% of {rank[k]['n']}" for k in ("tts", "resynthesis", "ceiling")
+             if rank.get(k) and rank[k]["top1"] is not None]
+    lines += ["", f"speaker ranking (RM embedding ranks the prompt's speaker first of {rank['speakers']}; chance "
+                  f"{100 / rank['speakers']:.0f}%): " + ", ".join(cells)]
   tp = summary.get("tts_code_perplexity")
   lines += ["", f"code-usage perplexity of the synthesised test tokens: {_fmt(tp, 1)} "
                 f"(codebook {summary['codebook_size']})"]
@@ -294,6 +331,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       items, os.path.join(eval_dir, "tts"), synthesize=tts, ceiling_results=res["ceiling"],
       meta={"system": "tts: text + prompt -> LLM -> FM -> vocoder", "workdir": workdir}, **common))
 
+  from e2etts_jax import audio
+  embed = lambda path: synth.embed_wav(audio.load_audio(path, synth.sample_rate), synth.sample_rate)
+  ranking = phases.run("speaker_ranking", lambda: speaker_ranking(
+      embed, items, {k: os.path.join(eval_dir, k, "wavs") for k in ("tts", "resynthesis", "ceiling")}))
+
   t_sum = time.perf_counter()
   losses = final_losses(workdir)
   loss_keys = sorted({k for v in losses.values() for k in v if k.startswith("loss/")},
@@ -305,6 +347,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "eval_items": len(items),
       "eval": {k: _eval_summary(v) for k, v in res.items()},
       "wer_over_ceiling": {k: res[k].get("wer_over_ceiling") for k in ("tts", "resynthesis")},
+      "speaker_ranking": ranking,
       "final_losses": losses, "loss_keys": loss_keys,
       "tts_code_perplexity": synthesis.code_usage_perplexity(synth, tts_tokens) if tts_tokens else None,
       "codebook_size": synth.system.fsq.codebook_size,

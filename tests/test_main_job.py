@@ -69,8 +69,39 @@ def test_final_losses_and_summary_table(tmp_path):
   assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
   assert "| stage2 | 6 | 5.000 -> 4.000 | 0.200 -> 0.167 |" in md and "code-usage perplexity" in md
   assert "every loss term fell within its stage" in md
+  summary["speaker_ranking"] = {"speakers": 4, "tts": {"top1": 0.5, "n": 2}, "ceiling": {"top1": 1.0, "n": 2}}
+  assert ("first of 4; chance 25%): tts 50% of 2, ceiling 100% of 2"
+          in main_job.summary_markdown(summary))
   assert "warning" not in md
   losses["stage3"]["late/loss/fm"] = 0.5
   assert "did not fall: stage3 loss/fm" in main_job.summary_markdown(summary)
   losses["stage3"]["codes/perplexity"] = 1.0
   assert "tokenizer uses about 1.0 code" in main_job.summary_markdown(summary)
+
+
+def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
+  """Embeddings are read from the file name here: 'a' outputs embed near speaker a's reference, etc."""
+  import numpy as np
+  dirs = {"tts": tmp_path / "tts", "ceiling": tmp_path / "ceiling"}
+  for d in dirs.values():
+    d.mkdir()
+  vectors = {"a": np.array([1.0, 0.1]), "b": np.array([0.1, 1.0])}
+  items, names = [], {}
+  for spk in ("flite_a", "flite_b"):
+    for i in range(2):
+      utt = f"{spk}_{i:06d}_abcdef12"
+      gt = tmp_path / f"gt_{utt}.wav"
+      gt.write_text("")
+      names[str(gt)] = spk[-1]
+      items.append(EvalItem(utt, "p", "/p.wav", "t", str(gt)))
+      for system, d in dirs.items():
+        # The TTS output of flite_b item 1 sounds like speaker a; every ceiling output is right.
+        who = "a" if (system == "tts" and spk == "flite_b" and i == 1) else spk[-1]
+        (d / f"{utt}.wav").write_text("")
+        names[str(d / f"{utt}.wav")] = who
+  missing = EvalItem("flite_a_000009_abcdef12", "p", "/p.wav", "t", None)   # no output, no gt: not counted
+  embed = lambda path: vectors[names[path]]
+  r = main_job.speaker_ranking(embed, items + [missing], {k: str(v) for k, v in dirs.items()})
+  assert r == {"speakers": 2, "tts": {"top1": 0.75, "n": 4}, "ceiling": {"top1": 1.0, "n": 4}}
+  one = main_job.speaker_ranking(embed, items[:2], {"tts": str(dirs["tts"])})
+  assert one == {"speakers": 1}   # one speaker: nothing to rank against
