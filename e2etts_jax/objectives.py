@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from e2etts_jax import config_lib
-from e2etts_jax.models import flow_matching, fsq as fsq_lib, llm as llm_lib, reward
+from e2etts_jax.models import flow_matching, fsq as fsq_lib, layers, llm as llm_lib, reward
 from e2etts_jax.system import System
 
 E2E_TERMS = ("e2e_fm", "e2e_asr", "e2e_spk")
@@ -56,8 +56,8 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     codes = jax.lax.stop_gradient(codes)
   usage = fsq_lib.code_usage(indices, tmask, system.fsq.codebook_size)
   metrics.update({f"codes/{k}": v for k, v in usage.items()})
-  metrics["codes/gradient_gain"] = jnp.sum(
-      jnp.mean(system.fsq.gradient_gain(system.fsq.bound(tok["latent"])), -1) * tmask) / jnp.maximum(jnp.sum(tmask), 1)
+  metrics["codes/gradient_gain"] = layers.masked_mean(
+      jnp.mean(system.fsq.gradient_gain(system.fsq.bound(tok["latent"])), -1), tmask)
   if w["usage"] and "tokenizer" in trainable:
     usage_total, usage_metrics = system.fsq.usage_loss(tok["latent"], tmask, config.tokenizer.usage_temperature)
     total += w["usage"] * usage_total

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from e2etts_jax.models import layers
+
 Array = jax.Array
 
 
@@ -109,17 +111,16 @@ class FSQ:
     mask [...] bool. Returns (entropy + range, {'sample_entropy', 'batch_entropy' in [0, 1], 'range'}).
     """
     z = z.astype(jnp.float32)
+    mask = jnp.asarray(mask, bool)
     p = self.level_probs(self.bound(z), temperature)                                     # [..., dim, max_l]
-    valid = jnp.asarray(mask, jnp.float32)
-    n = jnp.maximum(jnp.sum(valid), 1.0)
-    w = valid[..., None, None]
     plogp = lambda q: jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
     norm = np.log(self._levels.astype(np.float32))
-    sample_h = -jnp.sum(jnp.sum(plogp(p) * w, axis=-1).reshape(-1, self.dim), axis=0) / n / norm
-    mean_p = jnp.sum((p * w).reshape(-1, *p.shape[-2:]), axis=0) / n                      # [dim, max_l]
+    tokens = tuple(range(z.ndim - 1))
+    sample_h = layers.masked_mean(-jnp.sum(plogp(p), -1), mask[..., None], axis=tokens) / norm    # [dim]
+    mean_p = layers.masked_mean(p, mask[..., None, None], axis=tokens)                         # [dim, max_l]
     batch_h = -jnp.sum(plogp(mean_p), axis=-1) / norm
     excess = jnp.square(jax.nn.relu(jnp.abs(z + self._shift) - linear_range))
-    range_loss = jnp.sum(jnp.mean(excess, -1) * valid) / n
+    range_loss = layers.masked_mean(jnp.mean(excess, -1), mask)
     loss = jnp.mean(sample_h - batch_h) + range_loss
     return loss, dict(sample_entropy=jnp.mean(sample_h), batch_entropy=jnp.mean(batch_h), range=range_loss)
 
