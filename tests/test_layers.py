@@ -1,4 +1,5 @@
-"""Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype policies."""
+"""Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype/unroll policies,
+the attention core against jax.nn.dot_product_attention."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,36 @@ def test_remat_policies_give_identical_gradients(remat):
   m1 = L.Transformer(_cfg(causal=True, remat=remat))
   grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, valid)[0] ** 2))(v)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(m0), grad(m1))
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_scan_unroll_keeps_params_outputs_and_gradients(unroll):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  valid = jnp.arange(5)[None] < jnp.array([[5], [3]])
+  m0, v = _init(_cfg(causal=True, num_layers=4, scan_unroll=0), x, valid)
+  m1, v1 = _init(_cfg(causal=True, num_layers=4, scan_unroll=unroll), x, valid)
+  assert jax.tree.structure(v) == jax.tree.structure(v1)
+  scans = [e for e in jax.make_jaxpr(lambda p: m1.apply(p, x, valid))(v).eqns if e.primitive.name == "scan"]
+  assert [e.params["unroll"] for e in scans] == [unroll]
+  loss = lambda m: lambda p: jnp.sum(jnp.where(valid[..., None], m.apply(p, x, valid)[0], 0.0) ** 2)
+  np.testing.assert_allclose(loss(m0)(v), loss(m1)(v), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.grad(loss(m0))(v), jax.grad(loss(m1))(v))
+
+
+@pytest.mark.parametrize("kv_heads,causal", [(4, False), (2, True), (1, True)])
+def test_attend_matches_dot_product_attention(kv_heads, causal):
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 7, 4, 8))
+  k, v = jax.random.normal(ks[1], (2, 7, kv_heads, 8)), jax.random.normal(ks[2], (2, 7, kv_heads, 8))
+  valid = jnp.arange(7)[None] < jnp.array([[7], [4]])
+  mask = L.attention_mask(valid, valid, causal)
+  w = jax.random.normal(ks[3], q.shape)   # a loss over the valid queries (padded ones attend to nothing)
+  f = lambda fn: lambda q, k, v: jnp.sum(jnp.where(valid[:, :, None, None], fn(q, k, v, mask=mask), 0.0) * w)
+  ours, ref = f(L.attend), f(jax.nn.dot_product_attention)
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
 
 
 def test_bfloat16_compute_keeps_float32_params():
