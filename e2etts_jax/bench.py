@@ -549,8 +549,7 @@ def bench_synthesis(config: ml_collections.ConfigDict, info: DataInfo, opts: Opt
   fm_compile_s = timer() - t0
   fm_times = time_calls(lambda: fm_compiled(params["fm"], rng, codes), 1, opts.synthesis_repeats, timer)
 
-  # The vocoder's time depends on its input (its NNLS mel inversion is iterative), and random FM weights output
-  # noise: time it on the mel of a speech-like signal of the same length instead.
+  # Random FM weights output noise: time the vocoder on the mel of a speech-like signal of the same length.
   vocoder = make_vocoder(config)
   hop, sr = int(config.audio.hop_length), int(config.audio.sample_rate)
   speech_mel = audio.log_mel(synthetic_wave((frames + 1) * hop / sr, sr, 120.0, opts.seed), config.audio)[:frames]
