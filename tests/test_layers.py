@@ -112,6 +112,25 @@ def test_attend_matches_dot_product_attention(kv_heads, causal):
                jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
 
 
+@pytest.mark.parametrize("x_shape,features,axis", [((3, 5, 8), 6, -1), ((3, 5, 2, 4), 6, (-2, -1)),
+                                                   ((3, 8), (2, 3), -1)])
+def test_cpu_dot_general_matches_lax_gradients(x_shape, features, axis):
+  """The CPU kernel-gradient path of `dense` (explicitly transposed x) is the same function and gradient."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  outs = []
+  for dot in (L._cpu_dot_general, jax.lax.dot_general):
+    m = nn.DenseGeneral(features, axis=axis, use_bias=True, dot_general=dot)
+    p = m.init(jax.random.key(1), x)
+    f = lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    outs.append((f(p, x), jax.grad(f, argnums=(0, 1))(p, x)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0], outs[1])
+  # ...and `dense` takes that path on CPU: the transposed x of the kernel gradient sits behind a barrier.
+  d = L.dense(features, ("embed", "mlp"), jnp.float32, "d", axis=axis)
+  p = nn.unbox(d.init(jax.random.key(1), x))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(d.apply(p, x))))(p))
+  assert ("optimization_barrier" in jaxpr) == (jax.default_backend() == "cpu")
+
+
 def test_bfloat16_compute_keeps_float32_params():
   cfg = _cfg(dtype=jnp.bfloat16)
   x = jax.random.normal(jax.random.key(0), (1, 4, 32))

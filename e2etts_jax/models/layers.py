@@ -9,6 +9,8 @@ Activations are constrained with ('batch', 'length', 'act_embed' | 'act_heads' |
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -52,10 +54,56 @@ class TransformerConfig:
                scan_unroll=model_cfg.scan_unroll, **kw)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_transposed_wgrad(x: Array, kernel: Array, n_in: int) -> Array:
+  """x [..., *in] @ kernel [*in, *out] -> [..., *out], whose kernel gradient is a row-major matmul.
+
+  Autodiff's kernel gradient contracts x over its leading (token) dimension. XLA's CPU backend hands such a dot
+  to its slower generic kernel and writes the output gradient transposed first; transposing x explicitly (a
+  barrier keeps XLA from folding the transpose back into the dot) makes it the [in, tokens] @ [tokens, out]
+  matmul YNNPACK runs at full speed: -19% on a SwiGLU MLP forward + backward, about -10% on a training step.
+  """
+  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+def _matmul_fwd(x, kernel, n_in):
+  return _matmul_transposed_wgrad(x, kernel, n_in), (x, kernel)
+
+
+def _matmul_bwd(n_in, res, dy):
+  x, kernel = res
+  n_out = kernel.ndim - n_in
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(dy.ndim - n_out, dy.ndim)), tuple(range(n_in, kernel.ndim))),
+                                        ((), ())))
+  xt = jax.lax.optimization_barrier(x.reshape(-1, math.prod(kernel.shape[:n_in])).T)    # [in, tokens]
+  dk = xt @ dy.reshape(-1, math.prod(kernel.shape[n_in:]))
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_matmul_transposed_wgrad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """DenseGeneral's dot_general: `_matmul_transposed_wgrad` where it applies (trailing input axes against the
+  kernel's leading ones, default precision), lax.dot_general otherwise."""
+  (lc, rc), batch = dimension_numbers
+  n = len(lc)
+  if (tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n)) and batch == ((), ())
+      and precision is None and preferred_element_type is None):
+    return _matmul_transposed_wgrad(lhs, rhs, n)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
+
+
 def dense(features, axes: tuple[str, ...], dtype: DType, name: str, use_bias: bool = False,
           kernel_init: Callable = default_init, axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel is annotated with logical `axes` (input axes then output axes)."""
+  """A DenseGeneral whose kernel is annotated with logical `axes` (input axes then output axes).
+
+  On CPU its kernel gradient goes through `_matmul_transposed_wgrad`; accelerators keep XLA's own (their
+  compilers handle transposed operands natively, and remat policies see the plain dot_general).
+  """
   return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                         dot_general=_cpu_dot_general if jax.default_backend() == "cpu" else None,
                          kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:] if
                                                                 isinstance(features, int) else axes[-len(features):]),
