@@ -7,7 +7,8 @@ Every figure is a ratio measured in the same run, because absolute times on a sh
     time after warm-up, speech tokens/s, audio-seconds/s and MFU = analytic FLOPs (`flops.step_flops`) / step time
     / peak of the config's compute dtype, plus the step's memory from the compiled executable. The machine may be
     shared, so the peak matmul is also re-measured around each program and `mfu_local` divides by that;
-  * each network's step alone ("parts": a config copy whose stage trains only that network on its own loss; the
+  * for the configs the targets are evaluated on (small; base on accelerators), each network's step alone
+    ("parts": a config copy whose stage trains only that network on its own loss; the
     tokenizer has no loss of its own, so its part trains it through the stage-1 losses of the frozen others), so
     joint / sum(parts) shows what fusing the networks into one step costs. The parts share some frozen work (each
     runs the tokenizer forward), so the analytic FLOP ratio of the same programs is printed next to the time ratio;
@@ -87,6 +88,9 @@ class Options:
   """What to measure and how hard. `Options.quick()` is the seconds-long smoke mode used by the tests."""
   configs: tuple[str, ...] = ("tiny", "small", "base")
   stages: tuple[str, ...] = config_lib.STAGES
+  # Configs whose single-network steps ("parts") are measured: those the joint/parts target is evaluated on.
+  # Each part is one more program to compile (20-50 s on a 2-core CPU), so tiny's are left out by default.
+  parts_configs: tuple[str, ...] = ("small", "base")
   frames: str = "mid"            # 'mid' / 'min' length bucket, 'max' (data.max_frames), or a frame count
   batch_size: int = 0            # 0 = the config's data.batch_size
   warmup: int = 1                # >= 1
@@ -108,7 +112,7 @@ class Options:
   def quick(cls, **overrides) -> "Options":
     """tiny only, one stage and its one part (stage 3 trains only the LLM: the fewest programs to compile),
     the shortest bucket, short generations, few repeats."""
-    values = dict(configs=("tiny",), stages=("stage3",), frames="min", warmup=1, repeats=2, min_timed_s=0.0,
+    values = dict(configs=("tiny",), stages=("stage3",), parts_configs=("tiny",), frames="min", warmup=1, repeats=2, min_timed_s=0.0,
                   decode_tokens=24, reference_tokens=4, synthesis_repeats=1, pipeline_batches=3, corpus_batches=2,
                   peak_size=256, peak_repeats=3, mode="quick")
     values.update(overrides)
@@ -375,7 +379,8 @@ def bench_step(config: ml_collections.ConfigDict, info: DataInfo, stage: str, ba
 
 def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Options, peak_flops: float,
                    log: Callable[[str], None]) -> dict:
-  """Joint steps of `opts.stages` and the single-network parts of their trainable networks."""
+  """Joint steps of `opts.stages` and, for `opts.parts_configs`, the single-network parts of their trainable
+  networks with the joint/parts ratios."""
   frames = resolve_frames(config, opts.frames)
   batch_size = opts.batch_size or int(config.data.batch_size)
   batch = System(config, info).random_batch(batch_size, frames, seed=opts.seed)
@@ -388,7 +393,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
     stages[stage] = bench_step(config, info, stage, batch, **kw)
     gc.collect()   # the previous program's state and executable, before the next one allocates
   nets = []
-  for stage in opts.stages:
+  for stage in opts.stages if config.name in opts.parts_configs else ():
     nets += [n for n in config_lib.parse_list(config.train[stage].trainable) if n not in nets]
   parts = {}
   for net in nets:
@@ -396,7 +401,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
     c, part_stage = part_program(config, net)
     parts[net] = {"stage": part_stage, **bench_step(c, info, part_stage, batch, **kw)}
     gc.collect()
-  for stage, rec in stages.items():
+  for stage, rec in stages.items() if parts else ():
     mine = config_lib.parse_list(config.train[stage].trainable)
     rec["parts"] = list(mine)
     rec["parts_step_s"] = sum(parts[n]["step_s"] for n in mine)

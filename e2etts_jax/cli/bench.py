@@ -16,6 +16,8 @@ _QUICK = flags.DEFINE_boolean("quick", False, "Smoke mode: tiny only, one stage,
 _CONFIGS = flags.DEFINE_list("configs", None, "Config sizes to measure (default: tiny,small,base; base is skipped "
                              "without an accelerator; --quick: tiny).")
 _STAGES = flags.DEFINE_list("stages", None, "Training stages to measure (default: all; --quick: stage3).")
+_PARTS = flags.DEFINE_list("parts", None, "Configs whose single-network steps are measured for the joint/parts "
+                           "ratio (default: small,base, the target configs; --quick: tiny).")
 _FRAMES = flags.DEFINE_string("frames", None, "Mel frames per batch row: mid (middle length bucket, default), min, "
                               "max, or a number.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Batch rows (default: the config's data.batch_size).")
@@ -35,6 +37,7 @@ def options():
   overrides = {k: v for k, v in {
       "configs": tuple(_CONFIGS.value) if _CONFIGS.value else None,
       "stages": tuple(_STAGES.value) if _STAGES.value else None,
+      "parts_configs": tuple(_PARTS.value) if _PARTS.value is not None else None,
       "frames": _FRAMES.value, "batch_size": _BATCH.value, "repeats": _REPEATS.value,
       "decode_tokens": _DECODE.value, "reference_tokens": _REF_TOKENS.value,
       "pipeline_batches": _PIPELINE.value, "workdir": _WORKDIR.value,
