@@ -169,7 +169,8 @@ def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
   (from `attention_mask`). Query head n uses KV head n // (heads / kv_heads). Returns [batch, q_len, heads,
   head_dim]. The semantics of `jax.nn.dot_product_attention` (float32 logits and softmax, masked logits set to
   the same large negative number), but the operands are laid out heads-major before the two batched matmuls:
-  on CPU this is ~10% faster forward + backward than its sequence-major einsums, and the same on accelerators.
+  on CPU, 13-27% faster forward + backward than its sequence-major einsums alone and 4% off a small stage-1
+  training step (not measured on accelerators).
   """
   b, t, n, h = q.shape
   kh = k.shape[2]
