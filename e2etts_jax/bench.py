@@ -3,11 +3,12 @@
 Every figure is a ratio measured in the same run, because absolute times on a shared machine drift:
   * the denominator of every utilisation (MFU) figure is this machine's matmul peak, measured at the start of the
     run (a large `jnp.dot` in float32 and bfloat16, median of repeats) and re-measured at the end as a drift check;
-  * per config (tiny, small; base only with an accelerator) and training stage: compile time, median joint-step
+  * per config (small by default, tiny on request; base only with an accelerator) and training stage: compile time, median joint-step
     time after warm-up, speech tokens/s, audio-seconds/s and MFU = analytic FLOPs (`flops.step_flops`) / step time
     / peak of the config's compute dtype, plus the step's memory from the compiled executable. The machine may be
     shared, so the peak matmul is also re-measured around each program and `mfu_local` divides by that;
-  * each network's step alone ("parts": a config copy whose stage trains only that network on its own loss; the
+  * for the configs the targets are evaluated on (small; base on accelerators), each network's step alone
+    ("parts": a config copy whose stage trains only that network on its own loss; the
     tokenizer has no loss of its own, so its part trains it through the stage-1 losses of the frozen others), so
     joint / sum(parts) shows what fusing the networks into one step costs. The parts share some frozen work (each
     runs the tokenizer forward), so the analytic FLOP ratio of the same programs is printed next to the time ratio;
@@ -85,8 +86,13 @@ TARGETS = (
 @dataclasses.dataclass
 class Options:
   """What to measure and how hard. `Options.quick()` is the seconds-long smoke mode used by the tests."""
-  configs: tuple[str, ...] = ("tiny", "small", "base")
+  # The target configs. tiny (--configs=tiny,small) compiles as long as small (~3 min cold for its stages and
+  # synthesis on one core) and has no target; left out, a cold default run fits in 10 minutes on a 2-core CPU.
+  configs: tuple[str, ...] = ("small", "base")
   stages: tuple[str, ...] = config_lib.STAGES
+  # Configs whose single-network steps ("parts") are measured: those the joint/parts target is evaluated on.
+  # Each part is one more program to compile (20-50 s on a 2-core CPU), so tiny's are left out by default.
+  parts_configs: tuple[str, ...] = ("small", "base")
   frames: str = "mid"            # 'mid' / 'min' length bucket, 'max' (data.max_frames), or a frame count
   batch_size: int = 0            # 0 = the config's data.batch_size
   warmup: int = 1                # >= 1
@@ -108,7 +114,7 @@ class Options:
   def quick(cls, **overrides) -> "Options":
     """tiny only, one stage and its one part (stage 3 trains only the LLM: the fewest programs to compile),
     the shortest bucket, short generations, few repeats."""
-    values = dict(configs=("tiny",), stages=("stage3",), frames="min", warmup=1, repeats=2, min_timed_s=0.0,
+    values = dict(configs=("tiny",), stages=("stage3",), parts_configs=("tiny",), frames="min", warmup=1, repeats=2, min_timed_s=0.0,
                   decode_tokens=24, reference_tokens=4, synthesis_repeats=1, pipeline_batches=3, corpus_batches=2,
                   peak_size=256, peak_repeats=3, mode="quick")
     values.update(overrides)
@@ -375,7 +381,8 @@ def bench_step(config: ml_collections.ConfigDict, info: DataInfo, stage: str, ba
 
 def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Options, peak_flops: float,
                    log: Callable[[str], None]) -> dict:
-  """Joint steps of `opts.stages` and the single-network parts of their trainable networks."""
+  """Joint steps of `opts.stages` and, for `opts.parts_configs`, the single-network parts of their trainable
+  networks with the joint/parts ratios."""
   frames = resolve_frames(config, opts.frames)
   batch_size = opts.batch_size or int(config.data.batch_size)
   batch = System(config, info).random_batch(batch_size, frames, seed=opts.seed)
@@ -388,7 +395,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
     stages[stage] = bench_step(config, info, stage, batch, **kw)
     gc.collect()   # the previous program's state and executable, before the next one allocates
   nets = []
-  for stage in opts.stages:
+  for stage in opts.stages if config.name in opts.parts_configs else ():
     nets += [n for n in config_lib.parse_list(config.train[stage].trainable) if n not in nets]
   parts = {}
   for net in nets:
@@ -396,7 +403,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
     c, part_stage = part_program(config, net)
     parts[net] = {"stage": part_stage, **bench_step(c, info, part_stage, batch, **kw)}
     gc.collect()
-  for stage, rec in stages.items():
+  for stage, rec in stages.items() if parts else ():
     mine = config_lib.parse_list(config.train[stage].trainable)
     rec["parts"] = list(mine)
     rec["parts_step_s"] = sum(parts[n]["step_s"] for n in mine)
@@ -549,8 +556,7 @@ def bench_synthesis(config: ml_collections.ConfigDict, info: DataInfo, opts: Opt
   fm_compile_s = timer() - t0
   fm_times = time_calls(lambda: fm_compiled(params["fm"], rng, codes), 1, opts.synthesis_repeats, timer)
 
-  # The vocoder's time depends on its input (its NNLS mel inversion is iterative), and random FM weights output
-  # noise: time it on the mel of a speech-like signal of the same length instead.
+  # Random FM weights output noise: time the vocoder on the mel of a speech-like signal of the same length.
   vocoder = make_vocoder(config)
   hop, sr = int(config.audio.hop_length), int(config.audio.sample_rate)
   speech_mel = audio.log_mel(synthetic_wave((frames + 1) * hop / sr, sr, 120.0, opts.seed), config.audio)[:frames]

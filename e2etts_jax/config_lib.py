@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict({
       "dtype": "float32",         # compute dtype; parameters stay float32
       "remat": "none",
+      "scan_unroll": 0,           # layers per iteration of each network's layer loop; 0 = all (no loop)
       "rope_base": 10000.0,
   })
 
@@ -194,7 +195,7 @@ _SIZES = {
         rm={"spk_embed_dim": 192},
         data={"batch_size": 256, "max_frames": 1500, "max_seconds": 30.0,
               "bucket_boundaries": (250, 500, 750, 1000, 1500)},
-        model={"dtype": "bfloat16", "remat": "dots_no_batch"},
+        model={"dtype": "bfloat16", "remat": "dots_no_batch", "scan_unroll": 1},   # 22-28 layers: compile time
         train={"steps": (100000, 50000, 50000)},
     ),
 }
@@ -299,6 +300,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
   if c.model.remat not in REMAT_POLICIES:
     raise ConfigError(f"model.remat={c.model.remat!r}: choose one of {REMAT_POLICIES}")
+  if c.model.scan_unroll < 0:
+    raise ConfigError(f"model.scan_unroll={c.model.scan_unroll}: must be >= 0 (0 = all layers)")
   if c.text.ctc_units not in ("char", "sentencepiece"):
     raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
   d = c.data

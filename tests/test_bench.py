@@ -148,3 +148,12 @@ def test_targets_are_na_without_their_config():
   by_name = {t["name"]: t for t in bench.evaluate_targets(results)}
   assert by_name["synthesis RTF < 0.5"]["status"] == "PASS"
   assert by_name["KV-cached decode speed-up per token >= 10x"]["status"] == "FAIL"
+
+
+def test_default_run_measures_every_target_config_and_parts_only_there():
+  opts = bench.Options()
+  assert {t.config for t in bench.TARGETS} <= set(opts.configs)
+  # The joint/parts target's config has its parts measured; configs without a target (tiny) do not, by default.
+  assert {t.config for t in bench.TARGETS if t.path[-1] == "joint_over_parts"} <= set(opts.parts_configs)
+  assert set(opts.parts_configs) <= {t.config for t in bench.TARGETS}
+  assert set(bench.Options.quick().parts_configs) == set(bench.Options.quick().configs)

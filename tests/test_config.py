@@ -82,6 +82,7 @@ RULES = [
     ("head dim odd", lambda c: (setattr(c.rm, "d_model", 6), setattr(c.rm, "num_heads", 2)), "RoPE"),
     ("dtype", lambda c: setattr(c.model, "dtype", "float16"), "model.dtype"),
     ("remat", lambda c: setattr(c.model, "remat", "some"), "model.remat"),
+    ("scan unroll", lambda c: setattr(c.model, "scan_unroll", -1), "model.scan_unroll"),
     ("ctc units", lambda c: setattr(c.text, "ctc_units", "phone"), "text.ctc_units"),
     ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),
     ("buckets end", lambda c: setattr(c.data, "bucket_boundaries", (50, 100)), "data.max_frames"),

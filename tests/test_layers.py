@@ -1,4 +1,5 @@
-"""Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype policies."""
+"""Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype/unroll policies,
+the attention core against jax.nn.dot_product_attention."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -79,6 +80,55 @@ def test_remat_policies_give_identical_gradients(remat):
   m1 = L.Transformer(_cfg(causal=True, remat=remat))
   grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply(p, x, valid)[0] ** 2))(v)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad(m0), grad(m1))
+
+
+@pytest.mark.parametrize("unroll", [1, 2, 4])
+def test_scan_unroll_keeps_params_outputs_and_gradients(unroll):
+  x = jax.random.normal(jax.random.key(0), (2, 5, 32))
+  valid = jnp.arange(5)[None] < jnp.array([[5], [3]])
+  m0, v = _init(_cfg(causal=True, num_layers=4, scan_unroll=0), x, valid)
+  m1, v1 = _init(_cfg(causal=True, num_layers=4, scan_unroll=unroll), x, valid)
+  assert jax.tree.structure(v) == jax.tree.structure(v1)
+  scans = [e for e in jax.make_jaxpr(lambda p: m1.apply(p, x, valid))(v).eqns if e.primitive.name == "scan"]
+  assert [e.params["unroll"] for e in scans] == [unroll]
+  loss = lambda m: lambda p: jnp.sum(jnp.where(valid[..., None], m.apply(p, x, valid)[0], 0.0) ** 2)
+  np.testing.assert_allclose(loss(m0)(v), loss(m1)(v), rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.grad(loss(m0))(v), jax.grad(loss(m1))(v))
+
+
+@pytest.mark.parametrize("kv_heads,causal", [(4, False), (2, True), (1, True)])
+def test_attend_matches_dot_product_attention(kv_heads, causal):
+  ks = jax.random.split(jax.random.key(0), 4)
+  q = jax.random.normal(ks[0], (2, 7, 4, 8))
+  k, v = jax.random.normal(ks[1], (2, 7, kv_heads, 8)), jax.random.normal(ks[2], (2, 7, kv_heads, 8))
+  valid = jnp.arange(7)[None] < jnp.array([[7], [4]])
+  mask = L.attention_mask(valid, valid, causal)
+  w = jax.random.normal(ks[3], q.shape)   # a loss over the valid queries (padded ones attend to nothing)
+  f = lambda fn: lambda q, k, v: jnp.sum(jnp.where(valid[:, :, None, None], fn(q, k, v, mask=mask), 0.0) * w)
+  ours, ref = f(L.attend), f(jax.nn.dot_product_attention)
+  np.testing.assert_allclose(ours(q, k, v), ref(q, k, v), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               jax.grad(ours, argnums=(0, 1, 2))(q, k, v), jax.grad(ref, argnums=(0, 1, 2))(q, k, v))
+
+
+@pytest.mark.parametrize("x_shape,features,axis", [((3, 5, 8), 6, -1), ((3, 5, 2, 4), 6, (-2, -1)),
+                                                   ((3, 8), (2, 3), -1)])
+def test_cpu_dot_general_matches_lax_gradients(x_shape, features, axis):
+  """The CPU kernel-gradient path of `dense` (explicitly transposed x) is the same function and gradient."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  outs = []
+  for dot in (L._cpu_dot_general, jax.lax.dot_general):
+    m = nn.DenseGeneral(features, axis=axis, use_bias=True, dot_general=dot)
+    p = m.init(jax.random.key(1), x)
+    f = lambda p, x: jnp.sum(jnp.sin(m.apply(p, x)))
+    outs.append((f(p, x), jax.grad(f, argnums=(0, 1))(p, x)))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), outs[0], outs[1])
+  # ...and `dense` takes that path on CPU: the transposed x of the kernel gradient sits behind a barrier.
+  d = L.dense(features, ("embed", "mlp"), jnp.float32, "d", axis=axis)
+  p = nn.unbox(d.init(jax.random.key(1), x))
+  jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(d.apply(p, x))))(p))
+  assert ("optimization_barrier" in jaxpr) == (jax.default_backend() == "cpu")
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -9,6 +9,8 @@ Activations are constrained with ('batch', 'length', 'act_embed' | 'act_heads' |
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -38,6 +40,7 @@ class TransformerConfig:
   rope_base: float = 10000.0
   dtype: DType = jnp.float32        # compute dtype; params are float32
   remat: str = "none"
+  scan_unroll: int = 0              # layers per iteration of the layer loop; 0 = all (straight-line code)
 
   @property
   def head_dim(self) -> int:
@@ -47,13 +50,60 @@ class TransformerConfig:
   def from_config(cls, net_cfg, model_cfg, **kw) -> "TransformerConfig":
     return cls(d_model=net_cfg.d_model, num_layers=net_cfg.num_layers, num_heads=net_cfg.num_heads,
                num_kv_heads=net_cfg.num_kv_heads, mlp_dim=net_cfg.mlp_dim, rope_base=model_cfg.rope_base,
-               dtype=dtype_of(model_cfg.dtype), remat=model_cfg.remat, **kw)
+               dtype=dtype_of(model_cfg.dtype), remat=model_cfg.remat,
+               scan_unroll=model_cfg.scan_unroll, **kw)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_transposed_wgrad(x: Array, kernel: Array, n_in: int) -> Array:
+  """x [..., *in] @ kernel [*in, *out] -> [..., *out], whose kernel gradient is a row-major matmul.
+
+  Autodiff's kernel gradient contracts x over its leading (token) dimension. XLA's CPU backend hands such a dot
+  to its slower generic kernel and writes the output gradient transposed first; transposing x explicitly (a
+  barrier keeps XLA from folding the transpose back into the dot) makes it the [in, tokens] @ [tokens, out]
+  matmul YNNPACK runs at full speed: -19% on a SwiGLU MLP forward + backward, about -10% on a training step.
+  """
+  return jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in))), ((), ())))
+
+
+def _matmul_fwd(x, kernel, n_in):
+  return _matmul_transposed_wgrad(x, kernel, n_in), (x, kernel)
+
+
+def _matmul_bwd(n_in, res, dy):
+  x, kernel = res
+  n_out = kernel.ndim - n_in
+  dx = jax.lax.dot_general(dy, kernel, ((tuple(range(dy.ndim - n_out, dy.ndim)), tuple(range(n_in, kernel.ndim))),
+                                        ((), ())))
+  xt = jax.lax.optimization_barrier(x.reshape(-1, math.prod(kernel.shape[:n_in])).T)    # [in, tokens]
+  dk = xt @ dy.reshape(-1, math.prod(kernel.shape[n_in:]))
+  return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_matmul_transposed_wgrad.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def _cpu_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """DenseGeneral's dot_general: `_matmul_transposed_wgrad` where it applies (trailing input axes against the
+  kernel's leading ones, default precision), lax.dot_general otherwise."""
+  (lc, rc), batch = dimension_numbers
+  n = len(lc)
+  if (tuple(lc) == tuple(range(lhs.ndim - n, lhs.ndim)) and tuple(rc) == tuple(range(n)) and batch == ((), ())
+      and precision is None and preferred_element_type is None):
+    return _matmul_transposed_wgrad(lhs, rhs, n)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type)
 
 
 def dense(features, axes: tuple[str, ...], dtype: DType, name: str, use_bias: bool = False,
           kernel_init: Callable = default_init, axis: int | tuple[int, ...] = -1) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel is annotated with logical `axes` (input axes then output axes)."""
+  """A DenseGeneral whose kernel is annotated with logical `axes` (input axes then output axes).
+
+  On CPU its kernel gradient goes through `_matmul_transposed_wgrad`; accelerators keep XLA's own (their
+  compilers handle transposed operands natively, and remat policies see the plain dot_general).
+  """
   return nn.DenseGeneral(features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                         dot_general=_cpu_dot_general if jax.default_backend() == "cpu" else None,
                          kernel_init=nn.with_logical_partitioning(kernel_init, axes),
                          bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:] if
                                                                 isinstance(features, int) else axes[-len(features):]),
@@ -112,6 +162,29 @@ def length_mask(lengths: Array, max_len: int) -> Array:
   return jnp.arange(max_len)[None, :] < lengths[:, None]
 
 
+def attend(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """THE attention core: softmax(q k^T / sqrt(head_dim)) v under a bool mask, with grouped KV heads.
+
+  q: [batch, q_len, heads, head_dim]; k, v: [batch, kv_len, kv_heads, head_dim]; mask: [batch, 1, q_len, kv_len]
+  (from `attention_mask`). Query head n uses KV head n // (heads / kv_heads). Returns [batch, q_len, heads,
+  head_dim]. The semantics of `jax.nn.dot_product_attention` (float32 logits and softmax, masked logits set to
+  the same large negative number), but the operands are laid out heads-major before the two batched matmuls:
+  on CPU, 13-27% faster forward + backward than its sequence-major einsums alone and 4% off a small stage-1
+  training step (not measured on accelerators).
+  """
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  q = jnp.transpose(q.reshape(b, t, kh, n // kh, h), (0, 2, 3, 1, 4))        # [b, kv_heads, group, t, h]
+  k, v = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))      # [b, kv_heads, s, h]
+  # Scaling q (t * h values) instead of the logits (t * s) is the same product up to rounding.
+  q = q * jnp.asarray(h ** -0.5, q.dtype)
+  logits = jnp.einsum("bkgth,bksh->bkgts", q, k, preferred_element_type=jnp.float32)
+  logits = jnp.where(mask[:, :, None], logits, -0.7 * jnp.finfo(jnp.float32).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bksh->bkgth", probs, v)
+  return jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, t, n, h)
+
+
 class Attention(nn.Module):
   """Multi-head attention with grouped KV heads, RoPE and an optional KV cache.
 
@@ -133,7 +206,7 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       cache = {"k": k, "v": v}
-    out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+    out = attend(q, k.astype(q.dtype), v.astype(q.dtype), mask)
     out = dense(x.shape[-1], ("heads", "kv", "embed"), c.dtype, "out", axis=(-2, -1))(out)
     return out, cache
 
@@ -192,6 +265,11 @@ _REMAT = {
 class Transformer(nn.Module):
   """A stack of `Block`s scanned over layers (params stacked on a 'layers' axis), then a final RMSNorm.
 
+  `cfg.scan_unroll` layers run per loop iteration (0: all, i.e. no loop; the parameter tree is the same either
+  way). Unrolled, XLA schedules each layer's activations and weight-gradient matmuls without the loop's
+  stacked save/reload: ~20% faster training steps on CPU (small config), at the cost of compile time that grows
+  with depth, which is why deep configs keep a loop.
+
   x: [batch, length, d_model]; valid: [batch, length] bool (padding mask, also used as key mask unless a cache
   is given); positions: [batch, length] int (defaults to 0..length-1).
   With a cache ({'k','v': [layers, batch, cache_len, kv_heads, head_dim]}), `cache_index` is where x's first
@@ -219,7 +297,7 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                    length=c.num_layers, unroll=c.scan_unroll or c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x = nn.with_logical_constraint(x.astype(c.dtype), ("batch", "length", "act_embed"))
     x, cache = stack(c, name="layers")(x, cache, mask, positions, cond, cache_index)
     return RMSNorm(name="final_norm")(x), cache
