@@ -89,7 +89,8 @@ def machine() -> str:
   return f"{kind}, {os.cpu_count()} cores ({platform.machine()})"
 
 
-def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str]) -> dict:
+def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str],
+                commit: Optional[str] = None) -> dict:
   """The results.json content of one run, from main_job's summary and the per-utterance eval results."""
   ev = summary["eval"]
   ceiling = (ev.get("ceiling") or {}).get("wer")
@@ -103,7 +104,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
   return {
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
       "steps": summary["steps"], "overrides": list(overrides),
-      "batch_size": summary.get("batch_size"), "machine": machine(), "commit": _commit(),
+      "batch_size": summary.get("batch_size"), "machine": machine(), "commit": commit,
       "date": datetime.date.today().isoformat(),
       "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],
       "wer": {s: (ev.get(s) or {}).get("wer") for s in SYSTEMS},
@@ -125,6 +126,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
   out = os.path.abspath(out)
+  commit = _commit()   # the code this process loaded, not whatever the checkout holds when a run ends
   if not config.data.shards:
     config.data.shards = os.path.join(out, "shards")
   paths = []
@@ -141,7 +143,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
                              eval_items=eval_items, eval_seed=seed, progress=progress)
       summary["batch_size"] = int(c.data.batch_size)
-      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides)
+      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit)
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1, default=float)
@@ -163,8 +165,13 @@ def load_results(roots: Iterable[str]) -> list[dict]:
 
 
 def _budget(r: Mapping) -> str:
+  """The compute budget runs are compared at: total steps x batch (cascaded moves stage 3's steps to stage 2)."""
+  return f"{sum(r['steps'].values())} x {r.get('batch_size') or '?'}"
+
+
+def _stages(r: Mapping) -> str:
   s = r["steps"]
-  return f"{s['stage1']}/{s['stage2']}/{s['stage3']} x {r.get('batch_size') or '?'}"
+  return f"{s['stage1']}/{s['stage2']}/{s['stage3']}"
 
 
 def _num(x, fmt="{:.2f}") -> str:
@@ -217,15 +224,16 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "Produced by `e2etts-ablate --report_only` from the runs' results.json files; do not edit by hand.",
            "WER is pocketsphinx's (Seed-TTS-Eval normalisation) on held-out sentences with same-speaker prompts; "
            "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
-           "Budget: steps of stage 1/2/3 x batch size.", "",
+           "Budget: total training steps x batch size (the same for every variant of a study); stages: the steps of "
+           "stage 1/2/3.", "",
            "## Runs", "",
-           "| config | budget | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | ceiling WER % | "
-           "code perplexity | train min | date | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
+           "ceiling WER % | code perplexity | train min | date | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
     lines.append(
-        f"| {r['config']} | {_budget(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
+        f"| {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
         f"{_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")

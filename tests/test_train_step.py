@@ -62,7 +62,10 @@ def test_sharded_step_matches_single_device_params(system):
   assert moved > 1e-3   # the steps really changed the parameters
   for shape in MESHES:
     losses, params = _run(system, "stage1", shape, batch, tx=sgd)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
+    # Step 1's loss is computed before any update (exact up to reduction order); step 2's follows the
+    # parameters, which may differ by the tolerance below, so it gets the same 1e-4 (measured 2.2e-5 on (2,2,2)).
+    np.testing.assert_allclose(losses[0], ref_losses[0], rtol=1e-5, err_msg=str(shape))
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-4, err_msg=str(shape))
     for a, b, p0 in zip(jax.tree.leaves(params), jax.tree.leaves(ref), jax.tree.leaves(init)):
       # Each tensor's update agrees to 1e-4 of that tensor's largest update.
       update = np.asarray(b) - np.asarray(p0)
