@@ -743,28 +743,26 @@ def format_table(results: dict) -> str:
           f"{100 * r.get('mfu_cpu', float('nan')):>6.1f}%"
           f"{_si(r['tokens_per_s']):>8}"
           f"{r['audio_s_per_s']:>10.1f}{_mib(r['peak_memory_bytes']):>9}{jp:>12}{jpp:>7}{jpc:>7}{fr:>11}")
-  add("")
-  add("Data pipeline (Grain over prepared shards of a synthetic corpus) vs the fastest joint step's consumption")
-  hdr = f"{'config':<7}{'pipeline audio-s/s':>20}{'step audio-s/s':>16}{'(stage)':>9}{'ratio':>8}"
-  add(hdr)
-  add("-" * len(hdr))
-  for name, rec in results["configs"].items():
-    if "pipeline" in rec:
-      q = rec["pipeline"]
-      add(f"{name:<7}{q['audio_s_per_s']:>20.1f}{q['step_audio_s_per_s']:>16.1f}{q['step_stage']:>9}"
-          f"{q['ratio']:>8.1f}")
-  add("")
-  add("Synthesis (1 utterance; random weights, generation length fixed by masking eos)")
-  hdr = (f"{'config':<7}{'tokens':>7}{'cached tok/s':>13}{'recompute tok/s':>16}{'speed-up':>9}{'LLM':>8}"
-         f"{'FM':>8}{'vocoder':>9}{'audio':>8}{'RTF':>7}")
-  add(hdr)
-  add("-" * len(hdr))
-  for name, rec in results["configs"].items():
-    if "synthesis" in rec:
-      s = rec["synthesis"]
-      add(f"{name:<7}{s['decode_tokens']:>7}{s['cached_tokens_per_s']:>13.1f}{s['reference_tokens_per_s']:>16.2f}"
-          f"{s['kv_speedup']:>8.1f}x{s['llm_s']:>7.2f}s{s['fm_s']:>7.2f}s{s['vocoder_s']:>8.2f}s"
-          f"{s['audio_s']:>7.1f}s{s['rtf']:>7.3f}")
+  def section(title: str, hdr: str, key: str, row: Callable[[str, dict], str]) -> None:
+    """A titled table of one row per config holding `key`."""
+    add("")
+    add(title)
+    add(hdr)
+    add("-" * len(hdr))
+    for name, rec in results["configs"].items():
+      if key in rec:
+        add(row(name, rec[key]))
+
+  section("Data pipeline (Grain over prepared shards of a synthetic corpus) vs the fastest joint step's consumption",
+          f"{'config':<7}{'pipeline audio-s/s':>20}{'step audio-s/s':>16}{'(stage)':>9}{'ratio':>8}", "pipeline",
+          lambda name, q: f"{name:<7}{q['audio_s_per_s']:>20.1f}{q['step_audio_s_per_s']:>16.1f}"
+                          f"{q['step_stage']:>9}{q['ratio']:>8.1f}")
+  section("Synthesis (1 utterance; random weights, generation length fixed by masking eos)",
+          f"{'config':<7}{'tokens':>7}{'cached tok/s':>13}{'recompute tok/s':>16}{'speed-up':>9}{'LLM':>8}"
+          f"{'FM':>8}{'vocoder':>9}{'audio':>8}{'RTF':>7}", "synthesis",
+          lambda name, s: f"{name:<7}{s['decode_tokens']:>7}{s['cached_tokens_per_s']:>13.1f}"
+                          f"{s['reference_tokens_per_s']:>16.2f}{s['kv_speedup']:>8.1f}x{s['llm_s']:>7.2f}s"
+                          f"{s['fm_s']:>7.2f}s{s['vocoder_s']:>8.2f}s{s['audio_s']:>7.1f}s{s['rtf']:>7.3f}")
   add("")
   add("Targets")
   hdr = f"{'target':<46}{'config':>7}{'value':>9}{'status':>7}{'local':>9}{'status':>7}{'cpu':>9}{'status':>7}"
