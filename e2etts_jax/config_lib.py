@@ -118,6 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
       "ode_steps": 10,
       "guidance": 0.7,
       "temperature": 1.0,         # initial-noise scale of sampling (flow_matching.sample)
+      "encoder_layers": 2,        # transformer layers over the tokens before the frame-rate DiT (CosyVoice's encoder)
+      "prior_weight": 1.0,        # weight of the prior-mel MSE inside the FM loss (flow_matching.fm_loss)
   })
 
   c.rm = ml_collections.ConfigDict({
@@ -149,7 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
       "b1": 0.9,
       "b2": 0.98,
       "log_every": 20,
-      "eval_every": 200,
+      "eval_every": 200,          # held-out losses every this many steps of a stage (and at its start and end)
+      "eval_batches": 4,          # test-split batches they are computed on (0 = none)
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
@@ -342,6 +345,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     if s.steps and s.weights.usage and "tokenizer" not in parse_list(s.trainable):
       raise ConfigError(f"train.{stage}.weights.usage={s.weights.usage} regularises the tokenizer, which "
                         f"train.{stage}.trainable does not train: set it to 0")
+  for key in ("eval_every", "eval_batches"):
+    if c.train[key] < 0:
+      raise ConfigError(f"train.{key}={c.train[key]} must be >= 0 (0 turns held-out losses off)")
   if c.train.stage3.steps and "tokenizer" in parse_list(c.train.stage3.trainable):
     raise ConfigError("train.stage3.trainable must not include 'tokenizer': stage 3 optimises the LLM on "
                       "frozen tokens")

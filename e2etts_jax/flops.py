@@ -31,7 +31,10 @@ def network_forward_flops(config: ml_collections.ConfigDict, info: DataInfo, bat
   tok = transformer_flops(c.tokenizer, batch, tokens) + 2 * batch * tokens * (
       c.tokenizer.downsample * c.audio.n_mels * c.tokenizer.d_model)
   llm = transformer_flops(c.llm, batch, llm_len, causal=True) + 2 * batch * tokens * c.llm.d_model * (codebook + 1)
-  fm = transformer_flops(c.fm, batch, frames, adaln=True) + 2 * batch * frames * c.fm.d_model * 3 * c.audio.n_mels
+  # DiT over frames; token encoder over tokens; mel_in (2 mels -> d), mel_out and the prior head (d -> a mel each).
+  fm_enc = ml_collections.ConfigDict({**c.fm.to_dict(), "num_layers": c.fm.encoder_layers})
+  fm = (transformer_flops(c.fm, batch, frames, adaln=True) + transformer_flops(fm_enc, batch, tokens)
+        + 2 * batch * frames * c.fm.d_model * 4 * c.audio.n_mels)
   up = c.rm.ctc_upsample
   rm = transformer_flops(c.rm, batch, tokens) + 2 * batch * tokens * up * c.rm.d_model * info.num_ctc_classes
   return {"tokenizer": tok, "llm": llm, "fm": fm, "rm": rm}

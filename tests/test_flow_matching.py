@@ -49,6 +49,11 @@ def test_normalisation_round_trip_and_scale():
   assert -2.5 < float(fm.normalize_mel(-11.5)) < -1.5 and 1.5 < float(fm.normalize_mel(3.0)) < 2.5
 
 
+def _net(field):
+  """A velocity field in the decoder's output form (velocity, prior); the sampler uses the velocity only."""
+  return lambda x, *rest: (field(x, *rest), jnp.full_like(x, jnp.nan))
+
+
 def test_sampler_lands_on_target_of_straight_field(tiny_config):
   """For a one-point data distribution the exact OT velocity keeps trajectories straight: Euler is exact on any
   grid, so the sampler must reach the target (and only if it integrates the whole of t = 0..1)."""
@@ -64,7 +69,7 @@ def test_sampler_lands_on_target_of_straight_field(tiny_config):
   prompt_mel = jnp.where(prompt_mask[..., None], mel - 1.0, 0.0)   # differs from target: must be copied
   pm, valid = np.asarray(prompt_mask), np.asarray(mel_mask)
   for steps, guidance in ((3, 0.0), (10, 0.7)):   # the field ignores conditions, so CFG must not move it
-    out = np.asarray(fm.sample(field, jax.random.key(3), codes, code_mask, prompt_mel, prompt_mask, spk,
+    out = np.asarray(fm.sample(_net(field), jax.random.key(3), codes, code_mask, prompt_mel, prompt_mask, spk,
                                mel_mask, steps=steps, guidance=guidance, sigma_min=sigma))
     free = valid & ~pm
     np.testing.assert_allclose(out[free], np.asarray(mel)[free], atol=2e-4)
@@ -77,7 +82,7 @@ def test_sampler_uses_cosine_grid_with_exact_euler_error(tiny_config):
   mel, mel_mask, codes, code_mask, spk = _batch(tiny_config)
   steps = 10
   no_prompt = jnp.zeros(mel_mask.shape, bool)
-  run = lambda field: fm.sample(field, jax.random.key(4), codes, code_mask, mel, no_prompt, spk, mel_mask,
+  run = lambda field: fm.sample(_net(field), jax.random.key(4), codes, code_mask, mel, no_prompt, spk, mel_mask,
                                 steps=steps, guidance=0.0, sigma_min=0.0)
   moved = run(lambda x, t, *_: jnp.broadcast_to(2 * t[:, None, None], x.shape))
   still = run(lambda x, t, *_: jnp.zeros_like(x))
@@ -112,7 +117,7 @@ def test_cfg_matches_reference_euler(tiny_config, guidance, temperature):
   mel, mel_mask, codes, code_mask, spk = _batch(tiny_config)
   prompt_mask = jnp.arange(mel.shape[1])[None] < 4
   steps, rng = 5, jax.random.key(5)
-  out = fm.sample(_cond_field, rng, codes, code_mask, mel, prompt_mask, spk, mel_mask, steps=steps,
+  out = fm.sample(_net(_cond_field), rng, codes, code_mask, mel, prompt_mask, spk, mel_mask, steps=steps,
                   guidance=guidance, sigma_min=0.0, temperature=temperature)
   x0 = temperature * jax.random.normal(rng, mel.shape)
   prompt = jnp.where(prompt_mask[..., None], fm.normalize_mel(mel), 0.0)
@@ -132,19 +137,20 @@ def test_sampler_is_one_traced_loop(tiny_config):
     calls.append(x.shape)
     return _cond_field(x, t, *rest)
 
-  run = jax.jit(lambda r: fm.sample(field, r, codes, code_mask, mel, mel_mask, spk, mel_mask, steps=10,
+  run = jax.jit(lambda r: fm.sample(_net(field), r, codes, code_mask, mel, mel_mask, spk, mel_mask, steps=10,
                                     guidance=0.7))
   jax.block_until_ready(run(jax.random.key(0)))
   assert calls == [(2 * B,) + mel.shape[1:]]  # one batched cond + uncond call, traced once
 
 
-def _capture_loss(config, batch, mel=None, field=None):
+def _capture_loss(config, batch, mel=None, field=None, prior=None):
   mel0, mel_mask, codes, code_mask, spk = batch
   seen = {}
 
   def apply_fn(x_t, t, c, cm, prompt, s, mm):
     seen.update(prompt=prompt, code_mask=cm, spk=s)
-    return jnp.zeros_like(x_t) if field is None else field(x_t, prompt, mm)
+    v = jnp.zeros_like(x_t) if field is None else field(x_t, prompt, mm)
+    return v, prior(x_t) if prior is not None else jnp.zeros_like(x_t)
 
   loss, metrics = fm.fm_loss(apply_fn, jax.random.key(11), mel0 if mel is None else mel, mel_mask, codes,
                              code_mask, spk, config.fm)
@@ -152,7 +158,8 @@ def _capture_loss(config, batch, mel=None, field=None):
 
 
 def test_fm_loss_excludes_prompt_and_padding(tiny_config):
-  tiny_config.fm.update(prompt_prob=1.0, prompt_max_frac=0.5, cfg_drop=0.0)
+  # The flow term's masking; the prior term, which does score prompt frames, has its own test below.
+  tiny_config.fm.update(prompt_prob=1.0, prompt_max_frac=0.5, cfg_drop=0.0, prior_weight=0.0)
   batch = _batch(tiny_config)
   mel, mel_mask = batch[0], batch[1]
   base, metrics, seen = _capture_loss(tiny_config, batch)
@@ -175,6 +182,26 @@ def test_fm_loss_excludes_prompt_and_padding(tiny_config):
   assert _capture_loss(tiny_config, batch, mel=jnp.where(free, mel + 5.0, mel))[0] != base
 
 
+@pytest.mark.parametrize("cfg_drop", [0.0, 1.0])
+def test_fm_loss_adds_weighted_prior_error(tiny_config, cfg_drop):
+  """loss = flow + prior_weight * MSE(prior, normalised mel) over valid frames (prompt frames included: the prior
+  never sees the prompt) of the rows that kept their codes; a dropped row's prior is not scored."""
+  tiny_config.fm.update(prompt_prob=1.0, prompt_max_frac=0.5, cfg_drop=cfg_drop, prior_weight=0.5)
+  batch = _batch(tiny_config)
+  mel, mel_mask = batch[0], np.asarray(batch[1])
+  base, metrics, _ = _capture_loss(tiny_config, batch)
+  with_prior, metrics1, _ = _capture_loss(tiny_config, batch, prior=lambda x: jnp.ones_like(x))
+  x1 = np.asarray(fm.normalize_mel(mel), np.float64)
+  if cfg_drop:
+    assert with_prior == base and float(metrics1["fm_prior"]) == 0.0
+    return
+  err = lambda p: np.mean((p - x1)[mel_mask] ** 2)
+  np.testing.assert_allclose(float(metrics["fm_prior"]), err(0.0), rtol=1e-5)
+  np.testing.assert_allclose(float(metrics1["fm_prior"]), err(1.0), rtol=1e-5)
+  np.testing.assert_allclose(with_prior - base, 0.5 * (err(1.0) - err(0.0)), rtol=1e-4)
+  assert float(metrics1["fm_flow"]) == float(metrics["fm_flow"])
+
+
 def test_fm_loss_cfg_drop_zeroes_all_conditions(tiny_config):
   tiny_config.fm.update(prompt_prob=1.0, cfg_drop=1.0)
   _, metrics, seen = _capture_loss(tiny_config, _batch(tiny_config))
@@ -194,13 +221,19 @@ def test_decoder_padding_invariance_and_unconditional(decoder):
   x = fm.normalize_mel(mel)
   t = jnp.array([0.3, 0.8])
   run = jax.jit(lambda x, codes, code_mask, prompt, spk: model.apply(params, x, t, codes, code_mask, prompt, spk,
-                                                                     mel_mask))
+                                                                     mel_mask)[0])
+  prior = jax.jit(lambda codes, code_mask, x: model.apply(params, x, t, codes, code_mask, x * 0, spk, mel_mask)[1])
   v = run(x, codes, code_mask, x * 0, spk)
   assert v.shape == mel.shape and np.all(np.asarray(v)[~np.asarray(mel_mask)] == 0)
   pad = ~mel_mask[..., None]
   code_pad = ~code_mask[..., None]
   v2 = run(jnp.where(pad, 50.0, x), jnp.where(code_pad, 7.0, codes), code_mask, jnp.where(pad, 3.0, 0.0 * x), spk)
   np.testing.assert_allclose(v2, v, atol=1e-5)
+  # The prior is a function of the valid codes alone: not of x_t, nor of padded codes; zero on padded frames.
+  p1 = prior(codes, code_mask, x)
+  assert np.all(np.asarray(p1)[~np.asarray(mel_mask)] == 0)
+  np.testing.assert_allclose(prior(jnp.where(code_pad, 7.0, codes), code_mask, 3.0 * x), p1, atol=1e-5)
+  assert not np.allclose(prior(-codes, code_mask, x), p1, atol=1e-4)
   # With code_mask all False (the CFG-dropped input) the codes cannot matter; with it, they do.
   off = jnp.zeros_like(code_mask)
   np.testing.assert_allclose(run(x, codes, off, x * 0, spk), run(x, -codes, off, x * 0, spk), atol=1e-6)
@@ -234,7 +267,8 @@ def test_decoder_overfits_one_batch(decoder):
 
   def loss(p):
     apply_fn = lambda *a: model.apply(p, *a)
-    return fm.fm_loss(apply_fn, jax.random.key(123), mel, mel_mask, codes, code_mask, spk, fm_cfg)[0]
+    value, metrics = fm.fm_loss(apply_fn, jax.random.key(123), mel, mel_mask, codes, code_mask, spk, fm_cfg)
+    return value, (metrics["fm_flow"], metrics["fm_prior"])
 
   opt = optax.adam(5e-3)
 
@@ -242,14 +276,15 @@ def test_decoder_overfits_one_batch(decoder):
   def train(p):
     def step(carry, _):
       p, s = carry
-      value, g = jax.value_and_grad(loss)(p)
+      (_, terms), g = jax.value_and_grad(loss, has_aux=True)(p)
       u, s = opt.update(g, s, p)
-      return (optax.apply_updates(p, u), s), value
-    (p, _), values = jax.lax.scan(step, (p, opt.init(p)), None, length=60)
-    return values[0], loss(p)
+      return (optax.apply_updates(p, u), s), terms
+    (p, _), terms = jax.lax.scan(step, (p, opt.init(p)), None, length=60)
+    return jax.tree.map(lambda x: x[0], terms), loss(p)[1]
 
-  before, after = map(float, train(params))
-  assert after < 0.1 * before, (before, after)
+  (flow0, prior0), (flow1, prior1) = jax.tree.map(float, train(params))
+  assert flow1 < 0.1 * flow0, (flow0, flow1)
+  assert prior1 < 0.1 * prior0, (prior0, prior1)
 
 
 def test_paper_size_is_half_a_billion_parameters():

@@ -14,15 +14,18 @@ scale. The network (`FlowMatchingDecoder`) sees and predicts normalised values o
 returned velocity are all in the normalised space. `fm_loss` and `sample` are the only conversion points: they
 take real log-mel (`mel`, `prompt_mel`) and `sample` returns real log-mel.
 
-Conditioning. Token code vectors [B, Ts, D] are projected to d_model and repeated `downsample` times to the frame
-rate, plus a learned per-phase embedding (which frame of its token a frame is), so the transformer can
-interpolate inside a token. Frames are fused as dense([x_t, prompt]) + code features; time and speaker form the
+Conditioning. Token code vectors [B, Ts, D] are projected to d_model, contextualised by a small non-causal
+transformer over the tokens (`fm.encoder_layers`, CosyVoice's token encoder) and repeated `downsample` times to the
+frame rate, plus a learned per-phase embedding (which frame of its token a frame is), so the transformer can
+interpolate inside a token. A linear head on these features is the prior: a direct estimate of the mel from the
+codes alone, trained by MSE beside the flow (Matcha-TTS's encoder loss). Frames are fused as dense([x_t, prompt]) + code features; time and speaker form the
 AdaLN-Zero condition of every block (DiT). Classifier-free guidance drops codes, speaker and prompt together:
 the unconditional input is `code_mask` all False (code features exactly zero; the code projection has a bias so
 that a valid all-zero FSQ vector is distinguishable from "no codes"), `spk` zeros and `prompt_mel` zeros.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -34,7 +37,8 @@ import ml_collections
 from e2etts_jax.models import layers
 
 Array = jax.Array
-# apply_fn(x_t, t, codes, code_mask, prompt_mel, spk, mel_mask) -> velocity; all mel-like arrays normalised.
+# apply_fn(x_t, t, codes, code_mask, prompt_mel, spk, mel_mask) -> (velocity, prior mel); all mel-like arrays
+# normalised.
 VelocityFn = Callable[[Array, Array, Array, Array, Array, Array, Array], Array]
 
 MEL_MEAN = -5.0
@@ -79,7 +83,8 @@ class FlowMatchingDecoder(nn.Module):
       spk: [B, E] speaker embedding (zeros = unconditional).
       mel_mask: [B, F] bool frame validity.
     Returns:
-      [B, F, M] float32 velocity, zero on padded frames.
+      (velocity, prior): [B, F, M] float32 each, zero on padded frames. `prior` is the token encoder's direct
+      estimate of the normalised mel (a function of the codes alone; see `fm_loss`).
     """
     cfg = layers.TransformerConfig.from_config(self.config.fm, self.config.model, adaln=True, causal=False)
     d, dt = cfg.d_model, cfg.dtype
@@ -90,8 +95,19 @@ class FlowMatchingDecoder(nn.Module):
       raise ValueError(f"FlowMatchingDecoder: {ts} tokens x tokenizer.downsample={ds} = {ts * ds} frames, "
                        f"but x_t has {f} frames")
 
-    # Token features at frame rate: project, repeat per frame, add which-frame-of-the-token.
-    code_feat = layers.dense(d, (_FEATURE, "embed"), dt, "code_in", use_bias=True)(codes.astype(dt))
+    # Token features: project, contextualise over tokens (the encoder), repeat per frame, add which-frame-of-the-
+    # token. Dropped/padded tokens are zeroed before and after the encoder so "no codes" stays exactly zero.
+    tmask = code_mask[..., None].astype(dt)
+    code_feat = layers.dense(d, (_FEATURE, "embed"), dt, "code_in", use_bias=True)(codes.astype(dt)) * tmask
+    if int(self.config.fm.encoder_layers):
+      enc_cfg = dataclasses.replace(cfg, num_layers=int(self.config.fm.encoder_layers), adaln=False)
+      code_feat = code_feat + layers.Transformer(enc_cfg, name="encoder")(code_feat, code_mask)[0] * tmask
+    # The prior: a direct regression of the (normalised) mel from the token features alone (Matcha-TTS's encoder
+    # output mu), all `ds` frames of a token from that token's features. Its MSE is the clean, low-variance part of
+    # the reconstruction signal (the flow loss is noisy over t and x0), which is what teaches the codes, and the
+    # tokenizer behind them, what the mel looks like.
+    prior = layers.dense(ds * m, ("embed", _FEATURE), dt, "prior_out", use_bias=True)(code_feat)
+    prior = prior.astype(jnp.float32).reshape(b, f, m) * mel_mask[..., None]
     phase = self.param("code_phase", nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                   (_FEATURE, "embed")), (ds, d))
     code_feat = jnp.repeat(code_feat, ds, axis=1) + jnp.tile(phase.astype(dt), (ts, 1))[None]
@@ -113,7 +129,7 @@ class FlowMatchingDecoder(nn.Module):
                                           kernel_init=nn.initializers.zeros)(nn.silu(cond))[:, None, :], 2, -1)
     y = y * (1 + scale) + shift
     v = layers.dense(m, ("embed", _FEATURE), dt, "mel_out", use_bias=True, kernel_init=nn.initializers.zeros)(y)
-    return v.astype(jnp.float32) * mel_mask[..., None]
+    return v.astype(jnp.float32) * mel_mask[..., None], prior
 
 
 def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes: Array, code_mask: Array,
@@ -125,11 +141,13 @@ def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes
     rng: key for t, x0, prompt lengths and CFG drops.
     mel: [B, F, M] real log-mel targets; mel_mask: [B, F] bool.
     codes: [B, Ts, D]; code_mask: [B, Ts] bool; spk: [B, E].
-    fm_cfg: config.fm (sigma_min, prompt_prob, prompt_max_frac, cfg_drop).
+    fm_cfg: config.fm (sigma_min, prompt_prob, prompt_max_frac, cfg_drop, prior_weight).
   Returns:
-    (loss, metrics): loss = mean squared velocity error over valid, non-prompt frames and all mel bins.
-    Prompt frames are given to the network (as `prompt_mel`) and so carry no learning signal; for rows whose
-    conditions were dropped the prompt frames are still excluded, so the excluded set depends only on `rng`.
+    (loss, metrics): loss = flow + prior_weight * prior, where flow is the mean squared velocity error over valid,
+    non-prompt frames and all mel bins, and prior the mean squared error of the prior mel (normalised space) over
+    the valid frames of rows that kept their codes. Prompt frames are given to the network (as `prompt_mel`) and
+    so carry no flow signal; for rows whose conditions were dropped the prompt frames are still excluded, so the
+    excluded set depends only on `rng`.
   """
   b, f, m = mel.shape
   sigma = fm_cfg.sigma_min
@@ -150,12 +168,17 @@ def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes
   keep = ~jax.random.bernoulli(k_drop, fm_cfg.cfg_drop, (b,))
   prompt = x1 * (prompt_mask & keep[:, None])[..., None]
 
-  v = apply_fn(x_t, t, codes, code_mask & keep[:, None], prompt, spk * keep[:, None].astype(spk.dtype),
-               mel_mask)
+  v, prior = apply_fn(x_t, t, codes, code_mask & keep[:, None], prompt, spk * keep[:, None].astype(spk.dtype),
+                      mel_mask)
   loss_mask = (mel_mask & ~prompt_mask)[..., None]
-  loss = layers.masked_mean(jnp.square(v.astype(jnp.float32) - u), loss_mask)
+  flow = layers.masked_mean(jnp.square(v.astype(jnp.float32) - u), loss_mask)
+  # The prior sees only the codes, so it is scored on every valid frame of the rows that kept their codes.
+  prior_err = layers.masked_mean(jnp.square(prior - x1), (mel_mask & keep[:, None])[..., None])
+  loss = flow + fm_cfg.prior_weight * prior_err
   metrics = {
       "fm_loss": loss,
+      "fm_flow": flow,
+      "fm_prior": prior_err,
       "fm_prompt_frac": jnp.sum(prompt_mask) / jnp.maximum(jnp.sum(mel_mask), 1),
       "fm_cfg_drop_frac": 1.0 - jnp.mean(keep.astype(jnp.float32)),
   }
@@ -206,8 +229,8 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
   def velocity(x: Array, t: Array) -> Array:
     tb = jnp.full((b,), t, jnp.float32)
     if not guided:
-      return apply_fn(x, tb, codes, code_mask, prompt, spk, mel_mask).astype(jnp.float32)
-    v = apply_fn(both(x, x), both(tb, tb), in_codes, in_code_mask, in_prompt, in_spk, in_mask)
+      return apply_fn(x, tb, codes, code_mask, prompt, spk, mel_mask)[0].astype(jnp.float32)
+    v = apply_fn(both(x, x), both(tb, tb), in_codes, in_code_mask, in_prompt, in_spk, in_mask)[0]
     v = v.astype(jnp.float32)
     return (1.0 + guidance) * v[:b] - guidance * v[b:]
 
