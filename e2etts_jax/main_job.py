@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping, Optional
 import ml_collections
 import numpy as np
 
+from e2etts_jax import config_lib
+
 # Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line. Measured on 2
 # cores shared with other jobs (load ~5): at batch 16 a stage-1 step takes ~7.5 s at 200 frames and ~12 s at 400
 # (137 / 271 GFLOP; the cores peak at ~50 GFLOP/s), and every (stage, length bucket) pair compiles once for
@@ -159,10 +161,13 @@ def speaker_ranking(embed: Callable[[str], np.ndarray], items: list, wav_dirs: M
 
 def final_losses(workdir: str) -> dict[str, dict[str, float]]:
   """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage, plus
-  'early/<loss>' and 'late/<loss>': the mean of each loss term over the first and the last third of the stage's
-  logged steps (single-batch values are noisy, the FM's most: its flow time is drawn per batch)."""
+  'early/<loss>' and 'late/<loss>': the held-out values (trainer._HeldOut: fixed batches and draws) at the stage's
+  start and end where the run has them ('trend': 1.0), else the mean of each loss term over the first and the last
+  third of the stage's logged training steps ('trend': 0.0; single-batch values are noisy, the FM's most: its flow
+  time is drawn per batch)."""
   from e2etts_jax import metric_writer
   rows = metric_writer.read_metrics(workdir)
+  evals = metric_writer.read_metrics(workdir, split="eval")
   config = json.load(open(os.path.join(workdir, "config.json")))
   bounds, start = {}, 0
   for stage in ("stage1", "stage2", "stage3"):
@@ -177,10 +182,15 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
       continue
     last = stage_rows[-1]
     keep = {k: v for k, v in last.items() if k.startswith("loss/") or k == "codes/perplexity"}
+    held = [r for r in evals if int(r["stage"]) == config_lib.STAGES.index(stage) + 1]
+    keep["trend"] = float(len(held) >= 2)
     third = max(1, len(stage_rows) // 3)
     for k in (k for k in last if k.startswith("loss/")):
-      early = [r[k] for r in stage_rows[:third] if k in r]
-      late = [r[k] for r in stage_rows[-third:] if k in r]
+      if keep["trend"]:
+        early, late = [held[0][k]] if k in held[0] else [], [held[-1][k]] if k in held[-1] else []
+      else:
+        early = [r[k] for r in stage_rows[:third] if k in r]
+        late = [r[k] for r in stage_rows[-third:] if k in r]
       if early and late:
         keep[f"early/{k}"], keep[f"late/{k}"] = sum(early) / len(early), sum(late) / len(late)
     sps = [r["steps_per_s"] for r in stage_rows if r.get("steps_per_s")]
@@ -215,7 +225,10 @@ def summary_markdown(summary: Mapping) -> str:
     ratio = w / ceil_wer if w is not None and ceil_wer else None
     lines.append(f"| {name} | {wer_s} | {_fmt(ratio)} | {_fmt(r.get('sim'), 3)} | {_fmt(r.get('rtf'), 3)} | "
                  f"{r['scored']} / {r['failed']} |")
-  lines += ["", "Losses: mean over the first -> the last third of each stage's logged steps.", "",
+  held = all(v.get("trend") for v in summary["final_losses"].values())
+  lines += ["", "Losses: " + ("held-out, at each stage's start -> end (fixed test batches and random draws)." if held
+                              else "mean over the first -> the last third of each stage's logged training steps."),
+            "",
             "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step |",
             "|---|---|" + "---|" * (len(summary["loss_keys"]) + 2)]
   rose = []

@@ -8,6 +8,7 @@ non-finite updates and aborting after `train.max_bad_steps` in a row.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -40,6 +41,7 @@ class TrainResult:
   stage: str
   history: list[dict]             # one dict of host metrics per logged step
   preempted: bool = False
+  evals: list[dict] = dataclasses.field(default_factory=list)   # held-out loss rows (see _HeldOut)
 
 
 def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
@@ -161,6 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
 
   peak = perf.matmul_peak_flops()
   history: list[dict] = []
+  held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng)
   bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
              desc="train", unit="step", dynamic_ncols=True)
   global_step, stage = start_global, plan[0][0]
@@ -175,6 +178,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
       step_fns: dict = {}
       logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
+      if global_step == first:
+        held_out(stage, global_step, state.params, shard_tree.params)
       for _ in range(global_step - first, steps):
         batch = next(train_iter)
         frames = batch["mel"].shape[1]
@@ -187,6 +192,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         logger.push((global_step, metrics, batch["mel"].shape[0], frames))
         meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
         stopping = preemption.requested or (stop_after is not None and global_step >= stop_after)
+        if global_step == first + steps or (config.train.eval_every and
+                                            (global_step - first) % config.train.eval_every == 0):
+          held_out(stage, global_step, state.params, shard_tree.params)
         ckpt.save(global_step, state, train_iter, meta, force=global_step == first + steps or stopping)
         if stopping:
           break
@@ -199,7 +207,51 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     metric_writer.plot_loss_curves(workdir)
   writer.close()
   return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
-                     preempted=preemption.requested)
+                     preempted=preemption.requested, evals=held_out.rows)
+
+
+def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:
+  """The first `train.eval_batches` global batches of the test split, in a fixed order (none if that is 0, or if
+  the data has no test split: a warning says so and training goes on)."""
+  n = int(config.train.eval_batches)
+  if n <= 0:
+    return []
+  try:   # full batches only: padded rows would enter the losses' means
+    it = input_pipeline.make_global_iterator(config, mesh, "test", seed=config.seed, num_epochs=1, shuffle=False,
+                                             drop_remainder=True)
+    return list(itertools.islice(it, n))
+  except ValueError as e:
+    log.warning("train.eval_batches=%d, but no held-out losses: %s", n, e)
+    return []
+
+
+class _HeldOut:
+  """The stage's loss terms on fixed held-out batches with a fixed rng (the same flow times, noise, CFG drops and
+  Gumbel draws every time), at each stage's start and end and every `train.eval_every` steps: unlike the training
+  losses, whose batches and draws change every step, successive values differ only by what the parameters learnt.
+  Rows go to metrics.jsonl (split 'eval', with `stage` = 1, 2, 3) and to `rows`."""
+
+  def __init__(self, system: System, mesh, writer, batches: list[dict], rng: jax.Array):
+    self.system, self.mesh, self.writer, self.batches = system, mesh, writer, batches
+    self.rng = jax.random.fold_in(rng, 0x5EED)
+    self.fns: dict = {}
+    self.rows: list[dict] = []
+
+  def __call__(self, stage: str, step: int, params, params_shardings) -> None:
+    if not self.batches:
+      return
+    sums: dict[str, float] = {}
+    for i, batch in enumerate(self.batches):
+      key = (stage, batch["mel"].shape[1])
+      if key not in self.fns:
+        self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
+      metrics = _host(self.fns[key](params, batch, jax.random.fold_in(self.rng, i)))
+      for k, v in metrics.items():
+        if k.startswith("loss/"):
+          sums[k] = sums.get(k, 0.0) + v / len(self.batches)
+    row = {**sums, "stage": float(config_lib.STAGES.index(stage) + 1)}
+    self.writer.scalars(step, row, prefix="eval")
+    self.rows.append({"step": step, **row})
 
 
 class _StepLogger:

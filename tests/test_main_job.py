@@ -79,6 +79,30 @@ def test_final_losses_and_summary_table(tmp_path):
   assert "tokenizer uses about 1.0 code" in main_job.summary_markdown(summary)
 
 
+def test_final_losses_prefer_held_out_rows(tmp_path):
+  """With held-out rows (split 'eval') for a stage, early/late are its first and last such row, not the training
+  thirds; a stage without two of them falls back to the training rows."""
+  c = config_lib.get_config("tiny")
+  c.train.stage1.steps, c.train.stage2.steps, c.train.stage3.steps = 4, 2, 0
+  (tmp_path / "config.json").write_text(c.to_json())
+  rows = [{"step": s, "split": "train", "loss/fm": float(s)} for s in range(1, 7)]   # training fm rises
+  rows += [{"step": s, "split": "eval", "stage": 1.0, "loss/fm": 3.0 - s / 2} for s in (0, 2, 4)]
+  rows += [{"step": 4, "split": "eval", "stage": 2.0, "loss/fm": 0.9}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  losses = main_job.final_losses(str(tmp_path))
+  assert losses["stage1"]["trend"] == 1.0 and losses["stage2"]["trend"] == 0.0
+  assert (losses["stage1"]["early/loss/fm"], losses["stage1"]["late/loss/fm"]) == (3.0, 1.0)
+  assert (losses["stage2"]["early/loss/fm"], losses["stage2"]["late/loss/fm"]) == (5.0, 6.0)
+  summary = {"workdir": "w", "config_name": "tiny", "steps": {}, "eval_items": 0,
+             "corpus": {"utterances": 1, "hours": 0.0}, "eval": {}, "final_losses": losses,
+             "loss_keys": ["loss/fm"], "codebook_size": 27, "phases": {}, "total_seconds": 0.0, "paths": {}}
+  md = main_job.summary_markdown(summary)
+  assert "| stage1 | 4 | 3.000 -> 1.000 |" in md and "did not fall: stage2 loss/fm" in md
+  assert "first -> the last third" in md   # not every stage has held-out rows
+  losses.pop("stage2")
+  assert "held-out, at each stage's start -> end" in main_job.summary_markdown(summary)
+
+
 def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
   """Embeddings are read from the file name here: 'a' outputs embed near speaker a's reference, etc."""
   import numpy as np

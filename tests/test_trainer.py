@@ -47,6 +47,25 @@ def test_every_stage_learns(tiny_shards, tmp_path):
   assert {"config.json", "data_info.json", "spm.model"} <= set(os.listdir(tmp_path / "run"))
 
 
+def test_held_out_losses_use_fixed_batches_and_draws(tiny_shards, tmp_path):
+  """Held-out rows at each stage's start and end and every eval_every steps. Their batches and random draws are
+  fixed, so the end of stage 1 and the start of stage 2 (the same parameters) give identical values for the terms
+  both stages compute, while training between two rows moves them."""
+  c = tiny_train_config(tiny_shards, steps=(4, 2, 0))
+  c.data.batch_size = 2            # the 40-utterance corpus holds out 2: one full held-out batch
+  c.train.update(eval_every=2, eval_batches=1)
+  result = trainer.train(c, str(tmp_path / "run"), progress=False, mesh=_mesh((1, 1, 1)))
+  assert [(int(r["step"]), int(r["stage"])) for r in result.evals] == [(0, 1), (2, 1), (4, 1), (4, 2), (6, 2)]
+  end1, start2 = result.evals[2], result.evals[3]
+  for k in ("loss/fm", "loss/rm", "loss/llm"):
+    assert end1[k] == start2[k], k
+    assert result.evals[0][k] != end1[k], k
+  assert "loss/usage" in end1 and "loss/usage" not in start2   # each stage's own terms
+  from e2etts_jax import metric_writer
+  rows = metric_writer.read_metrics(str(tmp_path / "run"), split="eval")
+  assert [r["loss/fm"] for r in rows] == [r["loss/fm"] for r in result.evals]
+
+
 def test_cascaded_mode_runs_end_to_end(tiny_shards, tmp_path):
   c = tiny_train_config(tiny_shards, steps=(6, 4, 4), mode="cascaded")
   result = trainer.train(c, str(tmp_path / "run"), progress=False, mesh=_mesh((1, 1, 1)))
