@@ -50,6 +50,7 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.stage2.steps": 75,
     "train.stage3.steps": 75,
     "train.log_every": 10,
+    "train.eval_every": 50,       # held-out losses: 4 forward batches, ~2 s each time
     "train.checkpoint_every": 100,
     "train.keep_checkpoints": 2,
 }}

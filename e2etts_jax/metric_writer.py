@@ -56,10 +56,11 @@ def read_metrics(workdir: str, split: str = "train") -> list[dict]:
 
 
 def plot_loss_curves(workdir: str, out_path: str | None = None) -> str:
-  """Draws every `loss/*` series of metrics.jsonl into one picture (a panel per term); returns its path."""
+  """Draws every `loss/*` series of metrics.jsonl into one picture (a panel per term: training values as a line,
+  held-out values, where the run has them, as markers); returns its path."""
   # Figure, not pyplot: no global backend switch (that would break a notebook's inline plots).
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
-  rows = read_metrics(workdir)
+  rows, held = read_metrics(workdir), read_metrics(workdir, split="eval")
   keys = sorted({k for r in rows for k in r if k.startswith("loss/")})
   out_path = out_path or os.path.join(workdir, "loss_curves.png")
   cols = max(1, min(4, len(keys)))
@@ -68,7 +69,11 @@ def plot_loss_curves(workdir: str, out_path: str | None = None) -> str:
   axes = fig.subplots(n_rows, cols, squeeze=False)
   for ax, key in zip(axes.flat, keys):
     pts = [(r["step"], r[key]) for r in rows if key in r]
-    ax.plot(*zip(*pts))
+    ax.plot(*zip(*pts), label="train")
+    held_pts = [(r["step"], r[key]) for r in held if key in r]
+    if held_pts:
+      ax.plot(*zip(*held_pts), "o", label="held-out")
+      ax.legend(fontsize="small")
     ax.set_title(key)
     ax.set_xlabel("step")
   for ax in list(axes.flat)[len(keys):]:
