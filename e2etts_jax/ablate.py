@@ -16,6 +16,7 @@ Variants (same config, data, eval items and total step budget):
   recognition_tokenizer  stage 1 trains only tokenizer + RM, on recognition; then stages 2 -> 3 exactly as e2e:
                          isolates what the joint stage-1 objective does to the token space
   no_usage               e2e without the tokenizer's code-usage term (what the anti-collapse term buys)
+  no_prior               e2e with neither the FM's token encoder nor its prior-mel loss (what they buy)
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "cascaded": config_lib.make_cascaded,
     "recognition_tokenizer": _recognition_tokenizer,
     "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
+    "no_prior": lambda c: c.fm.update(encoder_layers=0, prior_weight=0.0),
 }
 
 # The paper's claims as paired comparisons: (system a, system b, metric); the claim is that a's metric is lower.
@@ -58,8 +60,12 @@ CLAIMS = (
     ("e2e", "recognition_tokenizer", "resynthesis"),
     ("e2e", "recognition_tokenizer", "tts"),
     ("e2e", "no_usage", "resynthesis"),
+    ("e2e", "no_prior", "resynthesis"),
+    ("e2e", "no_prior", "mel_mse"),
 )
 SYSTEMS = ("tts", "resynthesis", "ceiling")
+# A claim's metric: a system's WER ratio to the ceiling, or `mel_mse`, the resynthesis mel error (main job).
+MEL_MSE = "mel_mse"
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int) -> ml_collections.ConfigDict:
@@ -110,7 +116,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "wer": {s: (ev.get(s) or {}).get("wer") for s in SYSTEMS},
       "ratio": {s: (ev[s]["wer"] / ceiling if ev.get(s) and ev[s].get("wer") is not None and ceiling else None)
                 for s in ("tts", "resynthesis")},
-      "sim": (ev.get("tts") or {}).get("sim"),
+      "sim": (ev.get("tts") or {}).get("sim"), MEL_MSE: summary.get("resynthesis_mel_mse"),
       "code_perplexity": stage1.get("codes/perplexity"),
       "final_losses": summary["final_losses"],
       "eval_items": summary["eval_items"], "per_utterance_wer": per_utt,
@@ -179,19 +185,20 @@ def _num(x, fmt="{:.2f}") -> str:
 
 
 def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
-  """Paired comparison of variant a against b on `system`'s WER ratio, over the seeds both have (same config and
-  budget): per-variant mean/std over seeds, paired t-test over seeds, and a paired bootstrap over utterances
-  pooled across those seeds."""
+  """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
+  mel error), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test
+  over seeds, and (WER only) a paired bootstrap over utterances pooled across those seeds."""
   from scipy import stats as sstats
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r["seed"])
-  ra = {key(r): r for r in rows if r["variant"] == a and r["ratio"].get(system) is not None}
-  rb = {key(r): r for r in rows if r["variant"] == b and r["ratio"].get(system) is not None}
+  value = (lambda r: r.get(MEL_MSE)) if system == MEL_MSE else (lambda r: r["ratio"].get(system))
+  ra = {key(r): r for r in rows if r["variant"] == a and value(r) is not None}
+  rb = {key(r): r for r in rows if r["variant"] == b and value(r) is not None}
   common = sorted(set(ra) & set(rb))
   if not common:
     return None
-  xa = np.array([ra[k]["ratio"][system] for k in common])
-  xb = np.array([rb[k]["ratio"][system] for k in common])
+  xa = np.array([value(ra[k]) for k in common])
+  xb = np.array([value(rb[k]) for k in common])
   ua, ub = [], []
   for k in common:
     pa, pb = ra[k]["per_utterance_wer"].get(system, {}), rb[k]["per_utterance_wer"].get(system, {})
@@ -228,18 +235,20 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "stage 1/2/3.", "",
            "## Runs", "",
            "| config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
-           "ceiling WER % | code perplexity | train min | date | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ceiling WER % | resynthesis mel MSE | code perplexity | train min | date | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
     lines.append(
         f"| {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
-        f"{_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
+        f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
-            "Lower is better. t-test: paired over seeds on the ratio; utterance bootstrap: paired over every scored "
-            "sentence of those seeds (mean WER difference a - b, in WER %).", "",
+            "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "
+            "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences); "
+            "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
+            "in WER %).", "",
             "| claim: a beats b on | config, budget | seeds | a: mean ± std | b: mean ± std | t-test p | "
             "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]
   budgets = sorted({(r["config"], _budget(r)) for r in rows})

@@ -226,6 +226,9 @@ def summary_markdown(summary: Mapping) -> str:
     ratio = w / ceil_wer if w is not None and ceil_wer else None
     lines.append(f"| {name} | {wer_s} | {_fmt(ratio)} | {_fmt(r.get('sim'), 3)} | {_fmt(r.get('rtf'), 3)} | "
                  f"{r['scored']} / {r['failed']} |")
+  if summary.get("resynthesis_mel_mse") is not None:
+    lines += ["", f"resynthesis mel MSE (ground truth -> tokenizer -> FM, log-mel units^2, the scored sentences): "
+                  f"{summary['resynthesis_mel_mse']:.3f}"]
   held = all(v.get("trend") for v in summary["final_losses"].values())
   lines += ["", "Losses: " + ("held-out, at each stage's start -> end (fixed test batches and random draws)." if held
                               else "mean over the first -> the last third of each stage's logged training steps."),
@@ -346,6 +349,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       meta={"system": "tts: text + prompt -> LLM -> FM -> vocoder", "workdir": workdir}, **common))
 
   from e2etts_jax import audio
+  # The judge's WER saturates near 100% on speech that is not yet intelligible; the mel error of resynthesis
+  # (ground truth -> tokenizer -> FM, no vocoder) still tells two such models apart.
+  gt_mels = [synth.mel_of(audio.load_audio(it.gt_wav, synth.sample_rate), synth.sample_rate)
+             for it in items if it.gt_wav]
+  mel_mse = phases.run("mel_error", lambda: synth.resynthesis_mel_error(gt_mels, seed=eval_seed)
+                       if gt_mels else None)
   embed = lambda path: synth.embed_wav(audio.load_audio(path, synth.sample_rate), synth.sample_rate)
   ranking = phases.run("speaker_ranking", lambda: speaker_ranking(
       embed, items, {k: os.path.join(eval_dir, k, "wavs") for k in ("tts", "resynthesis", "ceiling")}))
@@ -361,7 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "eval_items": len(items),
       "eval": {k: _eval_summary(v) for k, v in res.items()},
       "wer_over_ceiling": {k: res[k].get("wer_over_ceiling") for k in ("tts", "resynthesis")},
-      "speaker_ranking": ranking,
+      "speaker_ranking": ranking, "resynthesis_mel_mse": mel_mse,
       "final_losses": losses, "loss_keys": loss_keys,
       "tts_code_perplexity": synthesis.code_usage_perplexity(synth, tts_tokens) if tts_tokens else None,
       "codebook_size": synth.system.fsq.codebook_size,

@@ -25,6 +25,10 @@ def test_variant_configs_change_only_what_they_name():
   cas = ablate.variant_config(base, "cascaded", 0)
   assert cas.train.mode == "cascaded" and cas.train.stage3.steps == 0
   assert ablate.variant_config(base, "no_usage", 0).train.stage1.weights.usage == 0.0
+  no_prior = ablate.variant_config(base, "no_prior", 0)
+  assert (no_prior.fm.encoder_layers, no_prior.fm.prior_weight) == (0, 0.0) and base.fm.prior_weight > 0
+  no_prior.fm.encoder_layers, no_prior.fm.prior_weight = base.fm.encoder_layers, base.fm.prior_weight
+  assert no_prior.to_dict() == base.to_dict()
   assert base.train.stage1.weights.usage > 0   # the copies never touch the original
   for v in ablate.VARIANTS:
     config_lib.validate(ablate.variant_config(base, v, 0), 1)
@@ -44,7 +48,7 @@ def _summary(workdir, tts, resyn, ceiling, utts):
   return {"config_name": "tiny", "mode": "e2e", "steps": {"stage1": 4, "stage2": 2, "stage3": 2},
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
           "final_losses": {"stage1": {"codes/perplexity": 7.0}}, "eval_items": len(utts),
-          "phases": {"train": 60.0}, "total_seconds": 90.0}
+          "phases": {"train": 60.0}, "total_seconds": 90.0, "resynthesis_mel_mse": resyn / 10.0}
 
 
 def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch):
@@ -68,6 +72,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
+  assert r["mel_mse"] == 3.0
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
   # A second call finds every results.json and trains nothing.
   ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
@@ -80,7 +85,8 @@ def _row(variant, seed, tts, utt_wers):
   steps = {"stage1": 2, "stage2": 2, "stage3": 0} if variant == "cascaded" else {"stage1": 2, "stage2": 1, "stage3": 1}
   return {"variant": variant, "seed": seed, "config": "small", "steps": steps,
           "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
-          "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))}}
+          "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
+          "mel_mse": 2.0 * tts}
 
 
 def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
@@ -100,9 +106,14 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   np.testing.assert_allclose([c["mean_a"], c["std_a"]], [np.mean(a), np.std(a, ddof=1)])
   np.testing.assert_allclose(c["t_test_p"], sstats.ttest_rel(a, b).pvalue)
   np.testing.assert_allclose(c["utt_diff"], 100 * np.mean(np.array([0.1, 0.2, 0.3]) - [0.3, 0.2, 0.6]))
+  # The mel-error metric pairs the same seeds, with no per-utterance bootstrap.
+  m = ablate.compare(loaded, "e2e", "cascaded", ablate.MEL_MSE)
+  np.testing.assert_allclose([m["mean_a"], m["mean_b"]], [2 * np.mean(a), 2 * np.mean(b)])
+  np.testing.assert_allclose(m["t_test_p"], sstats.ttest_rel(a, b).pvalue)
+  assert m["utt_diff"] is None and m["n_utterances"] == 0
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
-  assert "| small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 |" in md
+  assert "| small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
   # With two seeds the verdict says so instead of testing.
