@@ -158,7 +158,9 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
 
 
 def load_results(roots: Iterable[str]) -> list[dict]:
-  """Every <root>/**/results.json written by `run_study` (eval folders' own results.json are skipped)."""
+  """Every <root>/**/results.json written by `run_study` (eval folders' own results.json are skipped), each with
+  'study': the name of its study folder (<study>/<variant>/seed<k>/results.json). Claims pair runs of one study
+  only: two studies at the same budget may be of different code."""
   rows = []
   for root in roots:
     for path in sorted(glob.glob(os.path.join(root, "**", "results.json"), recursive=True)):
@@ -166,6 +168,7 @@ def load_results(roots: Iterable[str]) -> list[dict]:
         r = json.load(f)
       if "variant" in r and "ratio" in r:
         r["path"] = path
+        r["study"] = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
         rows.append(r)
   return rows
 
@@ -190,7 +193,7 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
   over seeds, and (WER only) a paired bootstrap over utterances pooled across those seeds."""
   from scipy import stats as sstats
   from e2etts_jax.evaluation import stats
-  key = lambda r: (r["config"], _budget(r), r["seed"])
+  key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
   value = (lambda r: r.get(MEL_MSE)) if system == MEL_MSE else (lambda r: r["ratio"].get(system))
   ra = {key(r): r for r in rows if r["variant"] == a and value(r) is not None}
   rb = {key(r): r for r in rows if r["variant"] == b and value(r) is not None}
@@ -226,7 +229,7 @@ def _verdict(c: Mapping) -> str:
 
 def results_markdown(rows: Sequence[Mapping]) -> str:
   """The results page: every run, then each claim's paired comparison."""
-  rows = sorted(rows, key=lambda r: (r["config"], _budget(r), r["variant"], r["seed"]))
+  rows = sorted(rows, key=lambda r: (r["config"], _budget(r), r.get("study") or "", r["variant"], r["seed"]))
   lines = ["# Results", "",
            "Produced by `e2etts-ablate --report_only` from the runs' results.json files; do not edit by hand.",
            "WER is pocketsphinx's (Seed-TTS-Eval normalisation) on held-out sentences with same-speaker prompts; "
@@ -234,13 +237,13 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "Budget: total training steps x batch size (the same for every variant of a study); stages: the steps of "
            "stage 1/2/3.", "",
            "## Runs", "",
-           "| config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
+           "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
            "ceiling WER % | resynthesis mel MSE | code perplexity | train min | date | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
     lines.append(
-        f"| {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
+        f"| {r.get('study') or '-'} | {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
         f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
@@ -249,17 +252,17 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
             "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
             "in WER %).", "",
-            "| claim: a beats b on | config, budget | seeds | a: mean ± std | b: mean ± std | t-test p | "
+            "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "
             "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]
-  budgets = sorted({(r["config"], _budget(r)) for r in rows})
-  for cfg, budget in budgets:
-    subset = [r for r in rows if (r["config"], _budget(r)) == (cfg, budget)]
+  studies = sorted({(r["config"], _budget(r), r.get("study") or "") for r in rows})
+  for cfg, budget, study in studies:
+    subset = [r for r in rows if (r["config"], _budget(r), r.get("study") or "") == (cfg, budget, study)]
     for a, b, system in CLAIMS:
       c = compare(subset, a, b, system)
       if c is None:
         continue
       utt = f"{c['utt_diff']:+.1f} ({c['utt_p']:.3f})" if c["utt_diff"] is not None else "-"
-      lines.append(f"| {a} vs {b}: {system} | {cfg}, {budget} | {c['n_seeds']} | {c['mean_a']:.2f} ± "
+      lines.append(f"| {a} vs {b}: {system} | {cfg}, {budget} ({study}) | {c['n_seeds']} | {c['mean_a']:.2f} ± "
                    f"{c['std_a']:.2f} | {c['mean_b']:.2f} ± {c['std_b']:.2f} | {_num(c['t_test_p'], '{:.3f}')} | "
                    f"{utt} | {_verdict(c)} |")
   return "\n".join(lines) + "\n"

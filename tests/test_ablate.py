@@ -99,8 +99,14 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
     (d / "eval" / "tts").mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(r))
     (d / "eval" / "tts" / "results.json").write_text(json.dumps({"summary": {}, "utterances": []}))
+  # Another study at the same config and budget (other code, say): its runs are listed but never paired with these.
+  for s in range(3):
+    d = tmp_path / "other" / "e2e" / f"seed{s}"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(_row("e2e", s, 9.0, [0.9, 0.9, 0.9])))
   loaded = ablate.load_results([str(tmp_path)])
-  assert len(loaded) == 6   # the eval folders' own results.json are not runs
+  assert len(loaded) == 9   # the eval folders' own results.json are not runs
+  assert {r["study"] for r in loaded} == {tmp_path.name, "other"}
   c = ablate.compare(loaded, "e2e", "cascaded", "tts")
   assert c["n_seeds"] == 3 and c["n_utterances"] == 9
   np.testing.assert_allclose([c["mean_a"], c["std_a"]], [np.mean(a), np.std(a, ddof=1)])
@@ -113,11 +119,12 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   assert m["utt_diff"] is None and m["n_utterances"] == 0
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
-  assert "| small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
+  assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
+  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
   # With two seeds the verdict says so instead of testing.
-  two = [r for r in loaded if r["seed"] < 2]
+  two = [r for r in loaded if r["seed"] < 2 and r["study"] != "other"]
   assert "too few seeds (2 < 3)" in ablate.results_markdown(two)
   with pytest.raises(FileNotFoundError, match="no ablation results.json"):
     ablate.write_report([str(tmp_path / "nothing")], str(tmp_path / "x.md"))
