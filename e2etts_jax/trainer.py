@@ -240,16 +240,17 @@ class _HeldOut:
   def __call__(self, stage: str, step: int, params, params_shardings) -> None:
     if not self.batches:
       return
-    sums: dict[str, float] = {}
+    per_batch = []
     for i, batch in enumerate(self.batches):
       key = (stage, batch["mel"].shape[1])
       if key not in self.fns:
         self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
-      metrics = _host(self.fns[key](params, batch, jax.random.fold_in(self.rng, i)))
-      for k, v in metrics.items():
-        if k.startswith("loss/"):
-          sums[k] = sums.get(k, 0.0) + v / len(self.batches)
-    row = {**sums, "stage": float(config_lib.STAGES.index(stage) + 1)}
+      metrics = self.fns[key](params, batch, jax.random.fold_in(self.rng, i))
+      per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/")})
+    # One transfer for all batches: the host waits once, not once per batch.
+    host = [_host(m) for m in jax.device_get(per_batch)]
+    row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}
+    row["stage"] = float(config_lib.STAGES.index(stage) + 1)
     self.writer.scalars(step, row, prefix="eval")
     self.rows.append({"step": step, **row})
 
