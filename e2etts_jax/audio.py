@@ -87,6 +87,21 @@ def log_mel(wav: np.ndarray, audio_cfg) -> np.ndarray:
   return np.log(np.maximum(mel[:, :frames], audio_cfg.log_floor)).T.astype(np.float32)
 
 
+def spectral_envelope(log_mel_frames: np.ndarray, n_coeffs: int) -> np.ndarray:
+  """The log-mel's envelope over frequency: its first `n_coeffs` DCT-II coefficients across mel bins (liftering).
+
+  Drops the fine ripple across bins, i.e. the pitch harmonics, and keeps formants, energy and timing: what a mel
+  without pitch information (like an over-smoothed model output) can at best carry. [frames, n_mels] -> same.
+  """
+  import scipy.fft
+  x = np.asarray(log_mel_frames, np.float32)
+  if n_coeffs < 1:
+    raise ValueError(f"spectral_envelope: n_coeffs={n_coeffs} must be >= 1")
+  c = scipy.fft.dct(x, type=2, axis=-1, norm="ortho")
+  c[..., n_coeffs:] = 0.0
+  return scipy.fft.idct(c, type=2, axis=-1, norm="ortho").astype(np.float32)
+
+
 def mel_to_wav_griffin_lim(log_mel_frames: np.ndarray, audio_cfg, n_iter: int | None = None,
                            seed: int = 0) -> np.ndarray:
   """Inverse of `log_mel` by clipped mel pseudo-inverse + Griffin-Lim: [frames, n_mels] -> [frames * hop] samples."""

@@ -54,3 +54,19 @@ def test_load_audio_names_the_problem(tmp_path):
   sf.write(tmp_path / "nan.wav", np.array([0.0, np.nan, 0.1], np.float32), 16000, subtype="FLOAT")
   with pytest.raises(audio.AudioError, match="NaN"):
     audio.load_audio(str(tmp_path / "nan.wav"), 16000)
+
+
+def test_spectral_envelope_removes_the_harmonic_ripple_only():
+  """A mel that is a smooth envelope (low DCT terms) plus a fast ripple across bins (the harmonics' pattern): the
+  envelope keeps the first exactly and drops the second; with every coefficient kept it is the identity."""
+  n_mels, frames = 80, 7
+  k = np.arange(n_mels)
+  rs = np.random.default_rng(0)
+  smooth = sum(rs.normal(size=(frames, 1)) * np.cos(np.pi * j * (k + 0.5) / n_mels) for j in range(6))
+  ripple = 0.8 * np.cos(np.pi * 40 * (k + 0.5) / n_mels)
+  mel = (smooth + ripple - 5.0).astype(np.float32)
+  np.testing.assert_allclose(audio.spectral_envelope(mel, 20), smooth - 5.0, atol=1e-4)
+  np.testing.assert_allclose(audio.spectral_envelope(mel, n_mels), mel, atol=1e-4)
+  np.testing.assert_allclose(mel - audio.spectral_envelope(mel, 20), np.broadcast_to(ripple, mel.shape), atol=1e-4)
+  with pytest.raises(ValueError, match="n_coeffs"):
+    audio.spectral_envelope(mel, 0)
