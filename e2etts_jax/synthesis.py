@@ -217,9 +217,20 @@ class Synthesizer:
       return flow_matching.sample(apply_fn, rng, codes, code_mask, prompt_mel, prompt_mask, spk, mel_mask,
                                   steps=steps, guidance=guidance, sigma_min=sigma_min, temperature=temperature)
 
+    def prior(p, indices, code_mask, mel_mask):
+      # The prior is a function of the codes alone: x_t, t, prompt and speaker are placeholders (and XLA drops the
+      # velocity branch, whose output is unused).
+      codes = fsq.indices_to_codes(indices) * code_mask[..., None]
+      b, f = mel_mask.shape
+      zeros = jnp.zeros((b, f, int(self.config.audio.n_mels)), jnp.float32)
+      spk = jnp.zeros((b, int(self.config.rm.spk_embed_dim)), jnp.float32)
+      _, mel = s.fm.apply({"params": p}, zeros, jnp.zeros((b,)), codes, code_mask, zeros, spk, mel_mask)
+      return flow_matching.denormalize_mel(mel)
+
     self._tokenize = jax.jit(tokenize)
     self._spk_embed = jax.jit(spk_embed)
     self._decode = jax.jit(decode)
+    self._prior = jax.jit(prior)
 
   # -------------------------------------------------------------------------------------------------- pieces
 
@@ -355,6 +366,21 @@ class Synthesizer:
                        jnp.asarray(mel_mask))
     lo, hi = self.mel_range
     return np.clip(np.asarray(mel[0, prompt_frames:total * self.ds], np.float32), lo, hi)
+
+  def prior_mel(self, tokens: np.ndarray) -> np.ndarray:
+    """The FM's prior-head log-mel [n * ds, n_mels] of speech tokens [n]: its direct regression of the mel from the
+    codes (no flow, no noise; clipped to `mel_range`). What the codes alone say about the mel."""
+    n = int(tokens.shape[0])
+    if n < 1:
+      raise SynthesisError("no speech tokens to decode")
+    width = bucket(n)
+    indices = np.zeros((1, width), np.int32)
+    indices[0, :n] = tokens
+    code_mask = np.arange(width)[None] < n
+    mel_mask = np.arange(width * self.ds)[None] < n * self.ds
+    mel = self._prior(self.params["fm"], jnp.asarray(indices), jnp.asarray(code_mask), jnp.asarray(mel_mask))
+    lo, hi = self.mel_range
+    return np.clip(np.asarray(mel[0, :n * self.ds], np.float32), lo, hi)
 
   # ---------------------------------------------------------------------------------------------- requests
 
