@@ -49,6 +49,7 @@ setup(
             "e2etts-eval=e2etts_jax.cli.evaluate:run",
             "e2etts-bench=e2etts_jax.cli.bench:run",
             "e2etts-ablate=e2etts_jax.cli.ablate:run",
+            "e2etts-diagnose=e2etts_jax.cli.diagnose:run",
         ]
     },
 )

@@ -15,7 +15,8 @@ from e2etts_jax import perf
 os.environ.setdefault("E2ETTS_XLA_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))
 perf.enable_compilation_cache(os.environ["E2ETTS_XLA_CACHE"])
 
-from e2etts_jax import config_lib
+from e2etts_jax import audio, config_lib
+from e2etts_jax.models import vocoder as vocoder_lib
 
 
 @pytest.fixture
@@ -68,3 +69,71 @@ def tiny_train_config(shards: str, steps=(12, 6, 6), mode: str = "e2e"):
   if mode == "cascaded":
     config_lib.make_cascaded(c)   # re-apply: stage budgets above changed
   return c
+
+
+# A real `tiny` synthesis workdir, shared by the synthesis and diagnosis tests. It is built once per test process from
+# a 24-utterance flite corpus and its prepared shards, with the run files and an Orbax train-state checkpoint written
+# by the trainer's own functions (`trainer.write_run_files`, `checkpoint.Checkpointer`,
+# `train_step.create_train_state`). Its parameters are freshly initialised: what these tests check does not depend on
+# training, and skipping the train-step compile keeps them fast.
+FAST_VOCODER = "test_fast_griffin_lim"
+
+
+class FastVocoder:
+  """The vocoder interface with the default's clipped mel pseudo-inverse but 4 Griffin-Lim iterations instead of
+  32 (the tests check plumbing, not audio quality)."""
+
+  def __init__(self, config):
+    self.cfg, self.sample_rate = config.audio, int(config.audio.sample_rate)
+    self.pinv = np.linalg.pinv(audio.mel_basis(self.cfg.sample_rate, self.cfg.n_fft, self.cfg.n_mels,
+                                               self.cfg.fmin, self.cfg.fmax))
+
+  def __call__(self, log_mel):
+    import librosa
+    c = self.cfg
+    spec = np.maximum(self.pinv @ np.exp(np.asarray(log_mel, np.float32)).T, 0.0)
+    wav = librosa.griffinlim(spec, n_iter=4, hop_length=c.hop_length, win_length=c.win_length, n_fft=c.n_fft,
+                             window="hann", center=False, random_state=0)
+    n = log_mel.shape[0] * c.hop_length
+    return np.pad(wav, (0, max(0, n - wav.shape[0])))[:n].astype(np.float32)
+
+
+vocoder_lib.register_vocoder(FAST_VOCODER, FastVocoder)
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+  import ml_collections
+  from e2etts_jax import checkpoint, corpus, input_pipeline, optim, prepare, sharding, train_step, trainer
+  from e2etts_jax.system import System
+  root = tmp_path_factory.mktemp("synth")
+  manifest = corpus.build_corpus(str(root / "corpus"), num_utterances=24, seed=0, workers=2, test_fraction=0.2,
+                                 progress=False)
+  c = config_lib.get_config("tiny")
+  c.data.shards = str(root / "shards")
+  prepare.prepare(c, manifest, c.data.shards, num_workers=1, progress=False, verbose=False)
+  run = str(root / "run")
+  info = input_pipeline.dataset_info(c.data.shards, c)
+  trainer.write_run_files(run, c, info)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
+  state, _ = train_step.create_train_state(System(c, info), optim.make_optimizer(c, "stage1"), mesh,
+                                           jax.random.key(0))
+  ckpt = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=2, async_save=False)
+  ckpt.save(1, state, None, {"stage": "stage1", "global_step": 1, "mode": c.train.mode}, force=True)
+  ckpt.close()
+  return {"run": run, "manifest": manifest, "root": root}
+
+
+@pytest.fixture(scope="session")
+def synth(workdir):
+  from e2etts_jax import synthesis
+  return synthesis.Synthesizer.from_workdir(workdir["run"], vocoder=FAST_VOCODER)
+
+
+@pytest.fixture(scope="session")
+def utts(workdir):
+  """Corpus utterances the tiny model accepts as prompts (<= data.max_seconds)."""
+  from e2etts_jax import corpus
+  rows = [r for r in corpus.read_manifest(workdir["manifest"]) if r["duration"] <= 3.5]
+  assert len(rows) >= 3
+  return rows

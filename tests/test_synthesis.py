@@ -1,84 +1,19 @@
-"""Synthesis library and e2etts-synthesize CLI on a real `tiny` workdir.
-
-The workdir is built once per test process from a 24-utterance flite corpus and its prepared shards, with the
-run files and an Orbax train-state checkpoint written by the trainer's own functions (`trainer.write_run_files`,
-`checkpoint.Checkpointer`, `train_step.create_train_state`). Its parameters are freshly initialised: what is
-tested here does not depend on training, and skipping the train-step compile keeps this file fast. Most tests
-use a cheap Griffin-Lim variant as vocoder (`_FastVocoder`); the eval-CLI test runs the default one.
-"""
+"""Synthesis library and e2etts-synthesize CLI on a real `tiny` workdir (the `workdir`, `synth` and `utts`
+fixtures of conftest.py: fresh parameters, a cheap Griffin-Lim vocoder; the eval-CLI test runs the default one)."""
 import json
 import math
 import os
 import shutil
 
-import jax
-import librosa
-import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
 
-from e2etts_jax import (audio, checkpoint, config_lib, corpus, input_pipeline, optim, prepare, sharding, synthesis,
-                        train_step, trainer)
-from e2etts_jax.models import generation, vocoder as vocoder_lib
-from e2etts_jax.system import System
+from e2etts_jax import audio, checkpoint, synthesis
+from e2etts_jax.models import generation
+from tests.conftest import FAST_VOCODER
 
 TEXT = "The cat sat quietly on the warm mat."
-FAST_VOCODER = "test_fast_griffin_lim"
-
-
-class _FastVocoder:
-  """The vocoder interface with the default's clipped mel pseudo-inverse but 4 Griffin-Lim iterations instead of
-  32 (the tests check plumbing, not audio quality)."""
-
-  def __init__(self, config):
-    self.cfg, self.sample_rate = config.audio, int(config.audio.sample_rate)
-    self.pinv = np.linalg.pinv(audio.mel_basis(self.cfg.sample_rate, self.cfg.n_fft, self.cfg.n_mels,
-                                               self.cfg.fmin, self.cfg.fmax))
-
-  def __call__(self, log_mel):
-    c = self.cfg
-    spec = np.maximum(self.pinv @ np.exp(np.asarray(log_mel, np.float32)).T, 0.0)
-    wav = librosa.griffinlim(spec, n_iter=4, hop_length=c.hop_length, win_length=c.win_length, n_fft=c.n_fft,
-                             window="hann", center=False, random_state=0)
-    n = log_mel.shape[0] * c.hop_length
-    return np.pad(wav, (0, max(0, n - wav.shape[0])))[:n].astype(np.float32)
-
-
-vocoder_lib.register_vocoder(FAST_VOCODER, _FastVocoder)
-
-
-@pytest.fixture(scope="session")
-def workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("synth")
-  manifest = corpus.build_corpus(str(root / "corpus"), num_utterances=24, seed=0, workers=2, test_fraction=0.2,
-                                 progress=False)
-  c = config_lib.get_config("tiny")
-  c.data.shards = str(root / "shards")
-  prepare.prepare(c, manifest, c.data.shards, num_workers=1, progress=False, verbose=False)
-  run = str(root / "run")
-  info = input_pipeline.dataset_info(c.data.shards, c)
-  trainer.write_run_files(run, c, info)
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1])
-  state, _ = train_step.create_train_state(System(c, info), optim.make_optimizer(c, "stage1"), mesh,
-                                           jax.random.key(0))
-  ckpt = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), every=1, keep=2, async_save=False)
-  ckpt.save(1, state, None, {"stage": "stage1", "global_step": 1, "mode": c.train.mode}, force=True)
-  ckpt.close()
-  return {"run": run, "manifest": manifest, "root": root}
-
-
-@pytest.fixture(scope="session")
-def synth(workdir):
-  return synthesis.Synthesizer.from_workdir(workdir["run"], vocoder=FAST_VOCODER)
-
-
-@pytest.fixture(scope="session")
-def utts(workdir):
-  """Corpus utterances the tiny model accepts as prompts (<= data.max_seconds)."""
-  rows = [r for r in corpus.read_manifest(workdir["manifest"]) if r["duration"] <= 3.5]
-  assert len(rows) >= 3
-  return rows
 
 
 def _length_bounds(synth, text):
@@ -269,3 +204,23 @@ def test_batch_helper_reports_bad_entries_and_goes_on(synth):
   np.testing.assert_array_equal(out[0].wav, synth.synthesize("Hello.", seed=0).wav)
   with pytest.raises(synthesis.SynthesisError):
     synth.synthesize_batch(["Hello.", ""], raise_errors=True)
+
+
+def test_prior_mel_is_the_fm_prior_head_denormalised(synth, utts):
+  """With the prior head's kernel zeroed, every token's frames are its bias (normalised), so prior_mel must be the
+  bias, per frame of each token, mapped back to log-mel and clipped."""
+  from e2etts_jax.models import flow_matching
+  tokens = synth.tokenize_mel(synth.mel_of(audio.load_audio(utts[0]["audio"], 16000), 16000))
+  m = int(synth.config.audio.n_mels)
+  bias = np.linspace(-3.0, 1.0, synth.ds * m, dtype=np.float32)
+  head = {"kernel": np.zeros_like(synth.params["fm"]["prior_out"]["kernel"]), "bias": bias}
+  params = synth.params
+  synth.params = {**params, "fm": {**params["fm"], "prior_out": head}}
+  try:
+    mel = synth.prior_mel(tokens)
+  finally:
+    synth.params = params
+  per_token = np.clip(flow_matching.denormalize_mel(bias.reshape(synth.ds, m)), *synth.mel_range)
+  np.testing.assert_allclose(mel, np.tile(per_token, (tokens.shape[0], 1)), rtol=1e-6, atol=1e-6)
+  with pytest.raises(synthesis.SynthesisError, match="no speech tokens"):
+    synth.prior_mel(np.zeros((0,), np.int32))

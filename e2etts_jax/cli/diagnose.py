@@ -1,0 +1,97 @@
+"""e2etts-diagnose: where a trained workdir loses intelligibility (see e2etts_jax.diagnosis).
+
+  e2etts-diagnose --workdir runs/main --manifest runs/main/corpus/manifest.jsonl --out runs/main/diagnosis
+  e2etts-diagnose --workdir W --manifest M --out D --split train --items 16   # sentences it was trained on
+  ... [--variants ground_truth,envelope,prior,resynthesis] [--envelope_coeffs 20] [--seed 0]
+
+Scores the judge (pocketsphinx) on the ground truth, its spectral envelope, the FM prior of its tokens and their
+resynthesis, for the same sentences; writes OUT/diagnosis.md (the table), OUT/diagnosis.json and each variant's
+evaluation report under OUT/<variant>/.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from e2etts_jax.cli import flag_parsing
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "Training workdir (config.json, spm.model, checkpoints/).", flag_values=FLAGS)
+flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).", flag_values=FLAGS)
+flags.DEFINE_string("manifest", None, "Corpus manifest (JSONL) holding the sentences.", flag_values=FLAGS)
+flags.DEFINE_string("split", "test", "Manifest split to take sentences from (train: ones the model has seen).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("items", 16, "Sentences to score (spread over speakers; 0 = all).", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
+flags.DEFINE_list("variants", ["ground_truth", "envelope", "prior", "resynthesis"], "Mel variants to score.",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept by the envelope variant.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAGS)
+flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
+flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
+
+
+def _diagnose_from_flags() -> int:
+  for name in ("workdir", "manifest", "out"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name} is required")
+  from e2etts_jax import checkpoint, diagnosis, evaluation, main_job, perf, synthesis
+  bad = [v for v in FLAGS.variants if v not in diagnosis.VARIANTS]
+  if bad:
+    raise app.UsageError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(diagnosis.VARIANTS)}")
+  perf.enable_compilation_cache()
+  try:
+    synth = synthesis.Synthesizer.from_workdir(FLAGS.workdir, step=FLAGS.step, seed=FLAGS.seed)
+    items = evaluation.items_from_manifest(FLAGS.manifest, split=FLAGS.split, seed=FLAGS.seed)
+  except (FileNotFoundError, checkpoint.CheckpointError, evaluation.MetalistError) as e:
+    raise app.UsageError(str(e)) from e
+  items = main_job.pick_items(items, FLAGS.items)
+  if not items:
+    raise app.UsageError(f"{FLAGS.manifest} has no {FLAGS.split!r} sentences")
+  t0 = time.perf_counter()
+  rows = diagnosis.diagnose(synth, items, FLAGS.out, asr=evaluation.make_asr("pocketsphinx"),
+                            variants=FLAGS.variants, envelope_coeffs=FLAGS.envelope_coeffs, seed=FLAGS.seed,
+                            n_resamples=FLAGS.bootstrap, progress=FLAGS.progress)
+  print(diagnosis.markdown(rows, {"workdir": FLAGS.workdir, "items": len(items),
+                                  "envelope_coeffs": FLAGS.envelope_coeffs}))
+  print(f"[e2etts-diagnose] {len(items)} {FLAGS.split} sentences in {time.perf_counter() - t0:.0f} s -> {FLAGS.out}")
+  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Runs with argv = [program, --flag=value, ...] and returns the exit status (for scripts and tests)."""
+  rest = flag_parsing.parse_own(FLAGS, __doc__, argv)
+  if len(rest) > 1:
+    raise app.UsageError(f"unknown arguments: {' '.join(rest[1:])}")
+  return _diagnose_from_flags()
+
+
+def _app_parser(argv: list[str]) -> list[str]:
+  # Our flags first; what remains goes to absl's global flags (logging verbosity etc.), which rejects typos.
+  try:
+    return flags.FLAGS(flag_parsing.parse_own(FLAGS, __doc__, argv))
+  except flags.Error as e:
+    sys.stderr.write(f"FATAL flags parsing error: {e}\nPass --help to see the flags.\n")
+    sys.exit(1)
+
+
+def _app_main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unknown arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)   # checkpoint loading logs every file at INFO
+  sys.exit(_diagnose_from_flags())
+
+
+def run() -> None:
+  """Console-script entry point (e2etts-diagnose)."""
+  app.run(_app_main, flags_parser=_app_parser)
+
+
+if __name__ == "__main__":
+  run()
