@@ -68,6 +68,18 @@ def bucket(n: int, buckets: Sequence[int] = BUCKETS) -> int:
   return -(-n // 1024) * 1024
 
 
+def _bucketed(indices: np.ndarray, empty_error: str) -> tuple[np.ndarray, np.ndarray]:
+  """Token ids [n] zero-padded to [1, bucket(n)], with their validity mask [1, bucket(n)] (one compile per bucket).
+  Raises SynthesisError(empty_error) when n == 0."""
+  n = int(indices.shape[0])
+  if n < 1:
+    raise SynthesisError(empty_error)
+  width = bucket(n)
+  padded = np.zeros((1, width), np.int32)
+  padded[0, :n] = indices
+  return padded, np.arange(width)[None] < n
+
+
 @dataclasses.dataclass
 class Result:
   """One synthesised utterance.
@@ -268,13 +280,7 @@ class Synthesizer:
 
   def speaker_embedding(self, indices: np.ndarray) -> np.ndarray:
     """The reward model's speaker embedding [E] (unit norm) of a token sequence [n]."""
-    n = int(indices.shape[0])
-    if n < 1:
-      raise SynthesisError("no speech tokens to embed")
-    width = bucket(n)
-    padded = np.zeros((1, width), np.int32)
-    padded[0, :n] = indices
-    mask = np.arange(width)[None] < n
+    padded, mask = _bucketed(indices, "no speech tokens to embed")
     return np.asarray(self._spk_embed(self.params["rm"], jnp.asarray(padded), jnp.asarray(mask))[0])
 
   def embed_wav(self, wav: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -370,14 +376,9 @@ class Synthesizer:
   def prior_mel(self, tokens: np.ndarray) -> np.ndarray:
     """The FM's prior-head log-mel [n * ds, n_mels] of speech tokens [n]: its direct regression of the mel from the
     codes (no flow, no noise; clipped to `mel_range`). What the codes alone say about the mel."""
+    indices, code_mask = _bucketed(tokens, "no speech tokens to decode")
     n = int(tokens.shape[0])
-    if n < 1:
-      raise SynthesisError("no speech tokens to decode")
-    width = bucket(n)
-    indices = np.zeros((1, width), np.int32)
-    indices[0, :n] = tokens
-    code_mask = np.arange(width)[None] < n
-    mel_mask = np.arange(width * self.ds)[None] < n * self.ds
+    mel_mask = np.repeat(code_mask, self.ds, axis=1)
     mel = self._prior(self.params["fm"], jnp.asarray(indices), jnp.asarray(code_mask), jnp.asarray(mel_mask))
     lo, hi = self.mel_range
     return np.clip(np.asarray(mel[0, :n * self.ds], np.float32), lo, hi)

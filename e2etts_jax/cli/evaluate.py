@@ -58,14 +58,6 @@ def _parse_own(argv: Sequence[str]) -> list[str]:
   return flag_parsing.parse_own(FLAGS, __doc__, argv)
 
 
-def _exit_on_flag_error(parse, argv: list[str]) -> list[str]:
-  try:
-    return parse(argv)
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL flags parsing error: {e}\nPass --help to see the flags.\n")
-    sys.exit(1)
-
-
 def _make_synthesize(workdir: str):
   try:
     # import_module, not `from e2etts_jax import synthesis`: a missing submodule then raises
@@ -142,14 +134,9 @@ def main(argv: Sequence[str]) -> int:
   return _evaluate_from_flags()
 
 
-def _app_parser(argv: list[str]) -> list[str]:
-  # Our flags first; what remains goes to absl's global flags (logging verbosity etc.), which rejects typos.
-  return _exit_on_flag_error(lambda a: flags.FLAGS(_parse_own(a)), argv)
-
-
 def run() -> None:
   """Console-script entry point (e2etts-eval)."""
-  app.run(_app_main, flags_parser=_app_parser)
+  app.run(_app_main, flags_parser=flag_parsing.app_flags_parser(FLAGS, __doc__))
 
 
 def _app_main(argv: Sequence[str]) -> None:

@@ -21,3 +21,15 @@ def parse_own(flag_values: flags.FlagValues, doc: str, argv: Sequence[str]) -> l
     sys.exit(0)
   flag_values.unparse_flags()
   return flag_values(argv, known_only=True)
+
+
+def app_flags_parser(flag_values: flags.FlagValues, doc: str):
+  """A `flags_parser` for absl's app.run: our flags first, then what remains goes to absl's global flags (logging
+  verbosity etc.), which reject a typo by naming the closest flag; a flag error exits 1 with that message."""
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(parse_own(flag_values, doc, argv))
+    except flags.Error as e:
+      sys.stderr.write(f"FATAL flags parsing error: {e}\nPass --help to see the flags.\n")
+      sys.exit(1)
+  return parse

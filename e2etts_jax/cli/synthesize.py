@@ -189,15 +189,6 @@ def main(argv: Sequence[str]) -> int:
   return _synthesize_from_flags()
 
 
-def _app_parser(argv: list[str]) -> list[str]:
-  # Our flags first; what remains goes to absl's global flags (logging verbosity etc.), which rejects typos.
-  try:
-    return flags.FLAGS(_parse_own(argv))
-  except flags.Error as e:
-    sys.stderr.write(f"FATAL flags parsing error: {e}\nPass --help to see the flags.\n")
-    sys.exit(1)
-
-
 def _app_main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unknown arguments: {' '.join(argv[1:])}")
@@ -209,7 +200,7 @@ def _app_main(argv: Sequence[str]) -> None:
 
 def run() -> None:
   """Console-script entry point (e2etts-synthesize)."""
-  app.run(_app_main, flags_parser=_app_parser)
+  app.run(_app_main, flags_parser=flag_parsing.app_flags_parser(FLAGS, __doc__))
 
 
 if __name__ == "__main__":
