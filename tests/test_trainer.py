@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from e2etts_jax import config_lib, sharding, trainer
-from tests.conftest import tiny_train_config
+from tests.conftest import tiny_train_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,7 +100,7 @@ def _train_cmd(shards, workdir, steps=8):
 
 def _env(devices=1):
   env = dict(os.environ)
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["XLA_FLAGS"] = xla_flags(devices)
   env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
   return env
 
