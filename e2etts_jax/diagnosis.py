@@ -41,9 +41,11 @@ def variant_mel(synth, mel: np.ndarray, variant: str, rng: jax.Array, envelope_c
 
 
 def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[str] = VARIANTS,
-             envelope_coeffs: int = 20, seed: int = 0, n_resamples: int = 1000, progress: bool = True) -> dict:
+             envelope_coeffs: int = 20, seed: int = 0, n_resamples: int = 1000, progress: bool = True,
+             meta: dict | None = None) -> dict:
   """Scores each variant of every item's ground truth with the judge; writes OUT/<variant>/ (the harness's
-  reports), OUT/diagnosis.json and OUT/diagnosis.md.
+  reports), OUT/diagnosis.json (with `meta`, e.g. the split, beside what the synthesizer says of the model) and
+  OUT/diagnosis.md.
 
   Returns {variant: {wer, ci_low, ci_high, wer_over_ceiling, mel_mse, scored}}: mel_mse is the mean over items of
   the mean squared log-mel error against the ground truth; wer_over_ceiling needs 'ground_truth' among variants.
@@ -75,8 +77,11 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
                      "wer_over_ceiling": res.get("wer_over_ceiling"),
                      "mel_mse": float(np.mean(errors)) if errors else None,
                      "scored": res["summary"]["counts"]["scored"]}
+  c = synth.config
   meta = {"envelope_coeffs": int(envelope_coeffs), "items": len(items), "seed": int(seed),
-          "workdir": getattr(synth, "workdir", None)}
+          "workdir": getattr(synth, "workdir", None), "config": c.name, "step": synth.meta.get("global_step"),
+          "fm": f"d{c.fm.d_model} x {c.fm.num_layers} layers", "token_rate": float(c.tokenizer.token_rate),
+          **(meta or {})}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:
     json.dump({"variants": rows, "meta": meta}, f, indent=1)
@@ -95,4 +100,25 @@ def markdown(rows: dict, meta: dict) -> str:
     ci = "-" if r["ci_low"] is None else f"[{r['ci_low']:.1f}, {r['ci_high']:.1f}]"
     lines.append(f"| {v} | {fmt(r['wer'], '.1f')} | {ci} | {fmt(r['wer_over_ceiling'], '.2f')} | "
                  f"{fmt(r['mel_mse'], '.3f')} | {r['scored']} |")
+  return "\n".join(lines) + "\n"
+
+
+def collect(root: str) -> str:
+  """One markdown table of every `root/*/diagnosis.json` (a row per study folder, in name order): each variant's
+  WER and ratio to the ceiling, and the prior's and resynthesis's mel error."""
+  names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
+  if not names:
+    raise FileNotFoundError(f"no */diagnosis.json under {root}")
+  cell = lambda r: "-" if r is None or r.get("wer") is None else (
+      f"{r['wer']:.1f}" + ("" if r.get("wer_over_ceiling") is None else f" ({r['wer_over_ceiling']:.2f})"))
+  mse = lambda r: "-" if r is None or r.get("mel_mse") is None else f"{r['mel_mse']:.3f}"
+  lines = ["| study | config, FM | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
+           + " | mel MSE prior / resynthesis |", "|---" * (5 + len(VARIANTS)) + "|"]
+  for name in names:
+    with open(os.path.join(root, name, "diagnosis.json")) as f:
+      d = json.load(f)
+    m, rows = d["meta"], d["variants"]
+    lines.append(f"| {name} | {m.get('config', '-')}, {m.get('fm', '-')} | {m.get('step', '-')} | "
+                 f"{m.get('split', '-')}, {m['items']} | " + " | ".join(cell(rows.get(v)) for v in VARIANTS)
+                 + f" | {mse(rows.get('prior'))} / {mse(rows.get('resynthesis'))} |")
   return "\n".join(lines) + "\n"

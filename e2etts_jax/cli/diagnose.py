@@ -3,6 +3,7 @@
   e2etts-diagnose --workdir runs/main --manifest runs/main/corpus/manifest.jsonl --out runs/main/diagnosis
   e2etts-diagnose --workdir W --manifest M --out D --split train --items 16   # sentences it was trained on
   ... [--variants ground_truth,envelope,prior,resynthesis] [--envelope_coeffs 20] [--seed 0]
+  e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
 
 Scores the judge (pocketsphinx) on the ground truth, its spectral envelope, the FM prior of its tokens and their
 resynthesis, for the same sentences; writes OUT/diagnosis.md (the table), OUT/diagnosis.json and each variant's
@@ -34,9 +35,29 @@ flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept
 flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAGS)
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
+flags.DEFINE_string("collect", None, "Instead of diagnosing: render every DIR/*/diagnosis.json as one table "
+                    "(into --md, else stdout).", flag_values=FLAGS)
+flags.DEFINE_string("md", None, "With --collect: the markdown file to write the table into.", flag_values=FLAGS)
+
+
+def _collect_from_flags() -> int:
+  from e2etts_jax import diagnosis
+  try:
+    table = diagnosis.collect(FLAGS.collect)
+  except FileNotFoundError as e:
+    raise app.UsageError(str(e)) from e
+  if FLAGS.md:
+    with open(FLAGS.md, "w", encoding="utf-8") as f:
+      f.write(table)
+    print(f"[e2etts-diagnose] wrote {FLAGS.md}")
+  else:
+    print(table)
+  return 0
 
 
 def _diagnose_from_flags() -> int:
+  if FLAGS.collect:
+    return _collect_from_flags()
   for name in ("workdir", "manifest", "out"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
@@ -56,7 +77,8 @@ def _diagnose_from_flags() -> int:
   t0 = time.perf_counter()
   rows = diagnosis.diagnose(synth, items, FLAGS.out, asr=evaluation.make_asr("pocketsphinx"),
                             variants=FLAGS.variants, envelope_coeffs=FLAGS.envelope_coeffs, seed=FLAGS.seed,
-                            n_resamples=FLAGS.bootstrap, progress=FLAGS.progress)
+                            n_resamples=FLAGS.bootstrap, progress=FLAGS.progress,
+                            meta={"split": FLAGS.split, "manifest": FLAGS.manifest})
   print(diagnosis.markdown(rows, {"workdir": FLAGS.workdir, "items": len(items),
                                   "envelope_coeffs": FLAGS.envelope_coeffs}))
   print(f"[e2etts-diagnose] {len(items)} {FLAGS.split} sentences in {time.perf_counter() - t0:.0f} s -> {FLAGS.out}")
