@@ -7,7 +7,7 @@ vocoder), so their differences in WER belong to the mel alone:
   envelope      its spectral envelope (`audio.spectral_envelope`: pitch harmonics removed): how much of the ceiling
                 survives without pitch information, the most an over-smoothed decoder could keep.
   prior         tokenizer -> the FM's prior head (`Synthesizer.prior_mel`): what the codes alone say, no flow.
-  resynthesis   tokenizer -> FM sampler (the mel of `Synthesizer.resynthesize`).
+  resynthesis   tokenizer -> FM sampler (`Synthesizer.resynthesize_mel`).
 
 On training sentences (`split='train'`) the networks have seen every target: a resynthesis far from the ceiling
 there is a failure to fit (capacity, budget, what the tokens keep), not to generalise.
@@ -36,7 +36,7 @@ def variant_mel(synth, mel: np.ndarray, variant: str, rng: jax.Array, envelope_c
   if variant == "prior":
     return synth.prior_mel(synth.tokenize_mel(mel))
   if variant == "resynthesis":
-    return synth.decode_tokens(synth.tokenize_mel(mel), rng)
+    return synth.resynthesize_mel(mel, rng)
   raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
 
 

@@ -464,18 +464,21 @@ class Synthesizer:
     return Result(wav=out, sample_rate=self.sample_rate, mel=out_mel, tokens=tokens,
                   rtf=timings["total"] / max(out.shape[0] / self.sample_rate, 1e-9), timings=timings)
 
+  def resynthesize_mel(self, mel: np.ndarray, rng: jax.Array) -> np.ndarray:
+    """Ground-truth log-mel [frames, n_mels] -> tokenizer -> FM, no vocoder: [frames', n_mels], frames' the whole
+    tokens' frames (the tail past a multiple of the tokenizer's downsampling is dropped)."""
+    return self.decode_tokens(self.tokenize_mel(mel), rng)
+
   def resynthesis_mel_error(self, mels: Sequence[np.ndarray], seed: Optional[int] = None) -> float:
-    """Mean over utterances of the mean squared error (log-mel units^2) of ground truth -> tokenizer -> FM against
-    the ground truth, no vocoder: how much of the mel the tokens and FM keep. mels: [frames, n_mels] each
-    (frames past a multiple of the tokenizer's downsampling are dropped)."""
+    """Mean over utterances of the mean squared error (log-mel units^2) of `resynthesize_mel` against the ground
+    truth: how much of the mel the tokens and FM keep. mels: [frames, n_mels] each."""
     rng = jax.random.key(self.seed if seed is None else int(seed))
     errors = []
     for i, mel in enumerate(mels):
-      n = (mel.shape[0] // self.ds) * self.ds
-      if n == 0:
+      if mel.shape[0] < self.ds:
         raise SynthesisError(f"resynthesis_mel_error: utterance {i} is shorter than one token")
-      out = self.decode_tokens(self.tokenize_mel(mel[:n]), jax.random.fold_in(rng, i))
-      errors.append(float(np.mean(np.square(out - np.asarray(mel[:n], np.float32)))))
+      out = self.resynthesize_mel(mel, jax.random.fold_in(rng, i))
+      errors.append(float(np.mean(np.square(out - np.asarray(mel[:out.shape[0]], np.float32)))))
     return float(np.mean(errors))
 
   def warmup(self, prompt: bool = True) -> float:
