@@ -15,6 +15,9 @@ Variants (same config, data, eval items and total step budget):
   cascaded               config_lib.make_cascaded: recognition-only tokenizer, networks trained separately
   recognition_tokenizer  stage 1 trains only tokenizer + RM, on recognition; then stages 2 -> 3 exactly as e2e:
                          isolates what the joint stage-1 objective does to the token space
+  detached_tokens        stage 1 trains all four networks exactly as e2e, but only the RM's loss reaches the
+                         tokenizer (train.stage1.token_grads='rm'): the token-space question with every network
+                         trained for the same steps (recognition_tokenizer's FM and LLM miss stage 1)
   no_usage               e2e without the tokenizer's code-usage term (what the anti-collapse term buys)
   no_prior               e2e with neither the FM's token encoder nor its prior-mel loss (what they buy)
 """
@@ -46,6 +49,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "e2e": lambda c: None,
     "cascaded": config_lib.make_cascaded,
     "recognition_tokenizer": _recognition_tokenizer,
+    "detached_tokens": lambda c: setattr(c.train.stage1, "token_grads", "rm"),
     "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
     "no_prior": lambda c: c.fm.update(encoder_layers=0, prior_weight=0.0),
 }
@@ -53,12 +57,14 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
 # The paper's claims as paired comparisons: (system a, system b, metric); the claim is that a's metric is lower.
 # Resynthesis runs tokenizer -> FM only, so e2e vs cascaded on it compares the joint stage-1 tokenizer with the
 # recognition-only one, each with an FM trained on its own tokens; recognition_tokenizer isolates the same question
-# with identical later stages.
+# with identical later stages; detached_tokens asks it with every network trained for the same steps.
 CLAIMS = (
     ("e2e", "cascaded", "tts"),
     ("e2e", "cascaded", "resynthesis"),
     ("e2e", "recognition_tokenizer", "resynthesis"),
     ("e2e", "recognition_tokenizer", "tts"),
+    ("e2e", "detached_tokens", "resynthesis"),
+    ("e2e", "detached_tokens", "tts"),
     ("e2e", "no_usage", "resynthesis"),
     ("e2e", "no_prior", "resynthesis"),
     ("e2e", "no_prior", "mel_mse"),

@@ -15,6 +15,8 @@ import ml_collections
 NETWORKS = ("tokenizer", "llm", "fm", "rm")
 STAGES = ("stage1", "stage2", "stage3")
 LOSS_TERMS = ("llm", "rm", "fm", "usage", "e2e_fm", "e2e_asr", "e2e_spk")
+# The stage-1 terms that can shape the token space (train.<stage>.token_grads).
+TOKEN_GRAD_TERMS = ("llm", "rm", "fm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODES = ("e2e", "cascaded")
@@ -34,6 +36,10 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       "learning_rate": lr,
       "warmup_steps": max(1, steps // 10),
       "weights": w,
+      # Loss terms (of llm, rm, fm) whose gradient reaches the tokenizer through its codes while it trains; the
+      # others train their network on detached codes. 'rm' keeps every network's training of the joint stage 1
+      # but shapes the token space by recognition alone (the ablation of what FM and LLM gradients do to it).
+      "token_grads": "llm,rm,fm",
   })
 
 
@@ -336,6 +342,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"train.{stage}.trainable names unknown network {net!r}{hint}; "
                           f"choose from {NETWORKS}")
+    bad = [t for t in parse_list(s.token_grads) if t not in TOKEN_GRAD_TERMS]
+    if bad:
+      raise ConfigError(f"train.{stage}.token_grads names {', '.join(map(repr, bad))}; choose from "
+                        f"{', '.join(TOKEN_GRAD_TERMS)}")
     if s.steps < 0:
       raise ConfigError(f"train.{stage}.steps={s.steps} must be >= 0")
     if s.steps and s.warmup_steps > s.steps:

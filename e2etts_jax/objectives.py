@@ -1,7 +1,8 @@
 """The training objectives of each stage, as one pure loss function of (params, batch, rng).
 
 Stage 1 (joint): the tokenizer's straight-through codes feed the LLM (next-token), RM (multi-recognition) and FM
-  (reconstruction): L = w_llm * L_LLM + w_rm * L_RM + w_fm * L_FM, each sending gradient into the tokenizer.
+  (reconstruction): L = w_llm * L_LLM + w_rm * L_RM + w_fm * L_FM, each sending gradient into the tokenizer
+  (those named by train.<stage>.token_grads; the others train their network on detached codes).
 Stage 2 (refine): same terms over frozen tokens; networks are disjoint, so the sum trains each on its own loss.
 Stage 3 (E2E): the LLM's teacher-forced speech logits -> Gumbel-softmax (straight-through) -> token one-hots ->
   code vectors that feed the frozen FM (reconstruct the target mel) and the frozen RM (CTC on the input text,
@@ -54,6 +55,9 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   codes, indices, tmask = tok["codes"], tok["indices"], tok["mask"]
   if "tokenizer" not in trainable:
     codes = jax.lax.stop_gradient(codes)
+  shaping = config_lib.parse_list(config.train[stage].token_grads)
+  # The codes each term sees: detached for terms that must not shape the token space.
+  codes_for = {t: codes if t in shaping else jax.lax.stop_gradient(codes) for t in config_lib.TOKEN_GRAD_TERMS}
   usage = fsq_lib.code_usage(indices, tmask, system.fsq.codebook_size)
   metrics.update({f"codes/{k}": v for k, v in usage.items()})
   metrics["codes/gradient_gain"] = layers.masked_mean(
@@ -69,7 +73,7 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
 
   rm_out = None
   if w["rm"] or w["fm"] or w["e2e_fm"]:
-    rm_out = rm_apply(codes, tmask)
+    rm_out = rm_apply(codes_for["rm"], tmask)
   if w["rm"]:
     rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm)
     total += w["rm"] * rm_total
@@ -81,14 +85,14 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   spk = None if rm_out is None else jax.lax.stop_gradient(rm_out["spk_embed"])
   fm_apply = lambda *a: system.fm.apply({"params": p["fm"]}, *a)
   if w["fm"]:
-    fm_total, fm_metrics = flow_matching.fm_loss(fm_apply, rng_fm, batch["mel"], batch["mel_mask"], codes, tmask,
-                                                 spk, config.fm)
+    fm_total, fm_metrics = flow_matching.fm_loss(fm_apply, rng_fm, batch["mel"], batch["mel_mask"],
+                                                 codes_for["fm"], tmask, spk, config.fm)
     total += w["fm"] * fm_total
     metrics["loss/fm"] = fm_total
     metrics.update({f"fm/{k}": v for k, v in fm_metrics.items()})
 
   if w["llm"] or any(w[t] for t in E2E_TERMS):
-    logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes, tmask)
+    logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes_for["llm"], tmask)
     llm_total, llm_metrics = llm_lib.llm_loss(logits, indices, tmask)
     metrics["loss/llm"] = llm_total
     metrics.update({f"llm/{k}": v for k, v in llm_metrics.items()})

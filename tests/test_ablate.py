@@ -25,6 +25,10 @@ def test_variant_configs_change_only_what_they_name():
   cas = ablate.variant_config(base, "cascaded", 0)
   assert cas.train.mode == "cascaded" and cas.train.stage3.steps == 0
   assert ablate.variant_config(base, "no_usage", 0).train.stage1.weights.usage == 0.0
+  detached = ablate.variant_config(base, "detached_tokens", 0)
+  assert detached.train.stage1.token_grads == "rm" and base.train.stage1.token_grads == "llm,rm,fm"
+  detached.train.stage1.token_grads = base.train.stage1.token_grads
+  assert detached.to_dict() == base.to_dict()
   no_prior = ablate.variant_config(base, "no_prior", 0)
   assert (no_prior.fm.encoder_layers, no_prior.fm.prior_weight) == (0, 0.0) and base.fm.prior_weight > 0
   no_prior.fm.encoder_layers, no_prior.fm.prior_weight = base.fm.encoder_layers, base.fm.prior_weight

@@ -97,6 +97,7 @@ RULES = [
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
     ("usage frozen", lambda c: setattr(c.train.stage2.weights, "usage", 0.5), "weights.usage=0.5"),
+    ("token grads", lambda c: setattr(c.train.stage1, "token_grads", "rm,asr"), "token_grads names 'asr'"),
 ]
 
 

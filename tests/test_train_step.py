@@ -72,40 +72,55 @@ def test_sharded_step_matches_single_device_params(system):
       assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-4 * np.max(np.abs(update)) + 1e-9, shape
 
 
-def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system):
-  c = system.config
+def _trained_like_params(system, rng):
   @jax.jit   # eager init and per-leaf noise dispatch op by op: ~50 s on 2 cores, against ~5 s compiled
-  def trained_like_params(rng):
+  def make(rng):
     params = flax.linen.unbox(system.init(rng))
     # A freshly initialised FM is zero at its output (AdaLN-Zero / zero output projection), so its velocity does
     # not depend on the tokens yet; move FM and RM off their init point as training would.
     for net in ("fm", "rm"):
       leaves, tree = jax.tree.flatten(params[net])
       keys = jax.random.split(jax.random.key(5), len(leaves))
-      params[net] = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+      params[net] = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                              for x, k in zip(leaves, keys)])
     return params
+  return make(rng)
 
-  params = trained_like_params(jax.random.key(0))
+
+def _jacobian_norms(system, stage, terms, params, batch):
+  """{term: {network: sum |d loss_term / d params[network]|}}: one jitted Jacobian, a row per term (one compile,
+  no op-by-op dispatch)."""
+  def losses(p):
+    metrics = objectives.loss_fn(p, batch, jax.random.key(2), system=system, stage=stage)[1]
+    return jnp.stack([metrics[f"loss/{k}"] for k in terms])
+  jac = jax.device_get(jax.jit(jax.jacrev(losses))(params))
+  return {t: {n: float(sum(np.sum(np.abs(x[i])) for x in jax.tree.leaves(jac[n]))) for n in jac}
+          for i, t in enumerate(terms)}
+
+
+def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system):
+  c = system.config
+  params = _trained_like_params(system, jax.random.key(0))
   batch = system.random_batch(4, 100, seed=1)
-
   c.train.stage3.weights.update({k: 0.0 for k in c.train.stage3.weights})
   c.train.stage3.weights.update({k: 1.0 for k in objectives.E2E_TERMS})
-
-  def e2e_terms(p):
-    metrics = objectives.loss_fn(p, batch, jax.random.key(2), system=system, stage="stage3")[1]
-    return jnp.stack([metrics[f"loss/{k}"] for k in objectives.E2E_TERMS])
-
-  # One jitted Jacobian (a row per path) instead of a grad per path: one compile, and no op-by-op dispatch.
-  jac = jax.jit(jax.jacrev(e2e_terms))(params)
-  for i, path in enumerate(objectives.E2E_TERMS):
-    g = jax.tree.map(lambda x: x[i], jac)
-    assert optimizer_norm(g["llm"]) > 0, path
+  norms = _jacobian_norms(system, "stage3", objectives.E2E_TERMS, params, batch)
+  for path, g in norms.items():
+    assert g["llm"] > 0, path
     for frozen in ("tokenizer", "fm", "rm"):
-      assert optimizer_norm(g[frozen]) == 0, (path, frozen)
+      assert g[frozen] == 0, (path, frozen)
 
 
-def optimizer_norm(tree):
-  return float(sum(np.sum(np.abs(x)) for x in jax.device_get(jax.tree.leaves(tree))))
+@pytest.mark.parametrize("token_grads", ["llm,rm,fm", "rm"])
+def test_stage1_token_grads_name_the_terms_that_shape_the_tokenizer(system, token_grads):
+  """Every stage-1 term trains its own network either way; only the named ones also reach the tokenizer."""
+  system.config.train.stage1.token_grads = token_grads
+  params = _trained_like_params(system, jax.random.key(0))
+  batch = system.random_batch(4, 100, seed=1)
+  norms = _jacobian_norms(system, "stage1", ("llm", "rm", "fm"), params, batch)
+  for term, g in norms.items():
+    assert g[term] > 0, term
+    assert (g["tokenizer"] > 0) == (term in token_grads.split(",")), (term, g["tokenizer"])
 
 
 def test_stage3_frozen_networks_bit_identical_after_step(system):
