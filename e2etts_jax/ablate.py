@@ -65,6 +65,8 @@ CLAIMS = (
     ("e2e", "recognition_tokenizer", "tts"),
     ("e2e", "detached_tokens", "resynthesis"),
     ("e2e", "detached_tokens", "tts"),
+    ("e2e", "detached_tokens", "mel_mse"),
+    ("e2e", "cascaded", "mel_mse"),
     ("e2e", "no_usage", "resynthesis"),
     ("e2e", "no_prior", "resynthesis"),
     ("e2e", "no_prior", "mel_mse"),
@@ -123,10 +125,17 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "ratio": {s: (ev[s]["wer"] / ceiling if ev.get(s) and ev[s].get("wer") is not None and ceiling else None)
                 for s in ("tts", "resynthesis")},
       "sim": (ev.get("tts") or {}).get("sim"), MEL_MSE: summary.get("resynthesis_mel_mse"),
-      "code_perplexity": stage1.get("codes/perplexity"),
+      "code_perplexity": stage1.get("codes/perplexity"), "speaker_first": speaker_first(summary),
       "final_losses": summary["final_losses"],
       "eval_items": summary["eval_items"], "per_utterance_wer": per_utt,
   }
+
+
+def speaker_first(summary: Mapping) -> dict:
+  """{system: fraction of its outputs whose RM speaker embedding ranks the prompt's speaker first} of a main-job
+  summary (the issue's speaker target is on 'tts')."""
+  ranking = summary.get("speaker_ranking") or {}
+  return {s: v["top1"] for s, v in ranking.items() if isinstance(v, Mapping) and v.get("top1") is not None}
 
 
 def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[str], seeds: Sequence[int], *,
@@ -173,6 +182,11 @@ def load_results(roots: Iterable[str]) -> list[dict]:
       with open(path, encoding="utf-8") as f:
         r = json.load(f)
       if "variant" in r and "ratio" in r:
+        if "speaker_first" not in r:   # results.json written before the field: the run's summary.json has it
+          summary = os.path.join(os.path.dirname(path), "summary.json")
+          if os.path.exists(summary):
+            with open(summary, encoding="utf-8") as f:
+              r["speaker_first"] = speaker_first(json.load(f))
         r["path"] = path
         r["study"] = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
         rows.append(r)
@@ -241,17 +255,20 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "WER is pocketsphinx's (Seed-TTS-Eval normalisation) on held-out sentences with same-speaker prompts; "
            "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
            "Budget: total training steps x batch size (the same for every variant of a study); stages: the steps of "
-           "stage 1/2/3.", "",
+           "stage 1/2/3. TTS speaker first: the share of TTS outputs whose RM speaker embedding ranks the prompt's "
+           "speaker first among the corpus speakers.", "",
            "## Runs", "",
            "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
-           "ceiling WER % | resynthesis mel MSE | code perplexity | train min | date | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train min | date | commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
+    spk = (r.get("speaker_first") or {}).get("tts")
     lines.append(
         f"| {r.get('study') or '-'} | {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
-        f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
+        f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | "
+        f"{_num(None if spk is None else 100 * spk, '{:.0f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
             "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "

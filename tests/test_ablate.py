@@ -52,7 +52,8 @@ def _summary(workdir, tts, resyn, ceiling, utts):
   return {"config_name": "tiny", "mode": "e2e", "steps": {"stage1": 4, "stage2": 2, "stage3": 2},
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
           "final_losses": {"stage1": {"codes/perplexity": 7.0}}, "eval_items": len(utts),
-          "phases": {"train": 60.0}, "total_seconds": 90.0, "resynthesis_mel_mse": resyn / 10.0}
+          "phases": {"train": 60.0}, "total_seconds": 90.0, "resynthesis_mel_mse": resyn / 10.0,
+          "speaker_ranking": {"speakers": 4, "tts": {"top1": 0.75, "n": 4}, "resynthesis": {"top1": 1.0, "n": 4}}}
 
 
 def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch):
@@ -77,6 +78,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
   assert r["mel_mse"] == 3.0
+  assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
   # A second call finds every results.json and trains nothing.
   ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
@@ -108,6 +110,9 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
     d = tmp_path / "other" / "e2e" / f"seed{s}"
     d.mkdir(parents=True)
     (d / "results.json").write_text(json.dumps(_row("e2e", s, 9.0, [0.9, 0.9, 0.9])))
+  # A results.json without speaker_first (written before the field) takes it from the run's summary.json.
+  (tmp_path / "e2e" / "seed0" / "summary.json").write_text(json.dumps(
+      {"speaker_ranking": {"speakers": 4, "tts": {"top1": 0.85, "n": 20}}}))
   loaded = ablate.load_results([str(tmp_path)])
   assert len(loaded) == 9   # the eval folders' own results.json are not runs
   assert {r["study"] for r in loaded} == {tmp_path.name, "other"}
@@ -125,6 +130,8 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
   assert "| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 |" in md
+  assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 1.20 | - | 20.0 | 2.400 | - | 85 |" in md
+  assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 1.50 | - | 20.0 | 3.000 | - | - |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
   # With two seeds the verdict says so instead of testing.
