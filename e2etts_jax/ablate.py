@@ -67,13 +67,28 @@ CLAIMS = (
     ("e2e", "detached_tokens", "tts"),
     ("e2e", "detached_tokens", "mel_mse"),
     ("e2e", "cascaded", "mel_mse"),
+    ("e2e", "cascaded", "speaker_miss"),
+    ("e2e", "detached_tokens", "speaker_miss"),
     ("e2e", "no_usage", "resynthesis"),
     ("e2e", "no_prior", "resynthesis"),
     ("e2e", "no_prior", "mel_mse"),
 )
 SYSTEMS = ("tts", "resynthesis", "ceiling")
-# A claim's metric: a system's WER ratio to the ceiling, or `mel_mse`, the resynthesis mel error (main job).
+# A claim's metric: a system's WER ratio to the ceiling, or `mel_mse`, the resynthesis mel error (main job), or
+# `speaker_miss`, the share of TTS outputs whose RM speaker embedding does not rank the prompt's speaker first.
 MEL_MSE = "mel_mse"
+SPEAKER_MISS = "speaker_miss"
+
+
+def _metric(system: str) -> Callable[[Mapping], Optional[float]]:
+  if system == MEL_MSE:
+    return lambda r: r.get(MEL_MSE)
+  if system == SPEAKER_MISS:
+    def miss(r):
+      top1 = (r.get("speaker_first") or {}).get("tts")
+      return None if top1 is None else 1.0 - top1
+    return miss
+  return lambda r: r["ratio"].get(system)
 
 
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int) -> ml_collections.ConfigDict:
@@ -209,12 +224,12 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
   """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
-  mel error), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test
+  mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test
   over seeds, and (WER only) a paired bootstrap over utterances pooled across those seeds."""
   from scipy import stats as sstats
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
-  value = (lambda r: r.get(MEL_MSE)) if system == MEL_MSE else (lambda r: r["ratio"].get(system))
+  value = _metric(system)
   ra = {key(r): r for r in rows if r["variant"] == a and value(r) is not None}
   rb = {key(r): r for r in rows if r["variant"] == b and value(r) is not None}
   common = sorted(set(ra) & set(rb))
@@ -272,7 +287,8 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
             "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "
-            "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences); "
+            "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences; "
+            "on the share of TTS outputs whose prompt speaker the RM does not rank first for `speaker_miss`); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
             "in WER %).", "",
             "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "

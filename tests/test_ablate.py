@@ -92,7 +92,7 @@ def _row(variant, seed, tts, utt_wers):
   return {"variant": variant, "seed": seed, "config": "small", "steps": steps,
           "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
           "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
-          "mel_mse": 2.0 * tts}
+          "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0}}
 
 
 def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
@@ -109,9 +109,11 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   for s in range(3):
     d = tmp_path / "other" / "e2e" / f"seed{s}"
     d.mkdir(parents=True)
-    (d / "results.json").write_text(json.dumps(_row("e2e", s, 9.0, [0.9, 0.9, 0.9])))
+    row = _row("e2e", s, 9.0, [0.9, 0.9, 0.9])
+    del row["speaker_first"]   # saved before the field existed
+    (d / "results.json").write_text(json.dumps(row))
   # A results.json without speaker_first (written before the field) takes it from the run's summary.json.
-  (tmp_path / "e2e" / "seed0" / "summary.json").write_text(json.dumps(
+  (tmp_path / "other" / "e2e" / "seed0" / "summary.json").write_text(json.dumps(
       {"speaker_ranking": {"speakers": 4, "tts": {"top1": 0.85, "n": 20}}}))
   loaded = ablate.load_results([str(tmp_path)])
   assert len(loaded) == 9   # the eval folders' own results.json are not runs
@@ -126,12 +128,17 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   np.testing.assert_allclose([m["mean_a"], m["mean_b"]], [2 * np.mean(a), 2 * np.mean(b)])
   np.testing.assert_allclose(m["t_test_p"], sstats.ttest_rel(a, b).pvalue)
   assert m["utt_diff"] is None and m["n_utterances"] == 0
+  # The speaker metric: the share of TTS outputs whose prompt speaker is not ranked first, paired the same way.
+  spk = ablate.compare(loaded, "e2e", "cascaded", ablate.SPEAKER_MISS)
+  np.testing.assert_allclose([spk["mean_a"], spk["mean_b"]], [np.mean(a) / 10, np.mean(b) / 10])
+  np.testing.assert_allclose(spk["t_test_p"], sstats.ttest_rel(a, b).pvalue)
+  assert spk["utt_diff"] is None
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
-  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 |" in md
-  assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 1.20 | - | 20.0 | 2.400 | - | 85 |" in md
-  assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 1.50 | - | 20.0 | 3.000 | - | - |" in md
+  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 | - | 20.0 | 18.000 | - | 85 |" in md
+  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 9.00 | - | 20.0 | 18.000 | - | - |" in md
+  assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 1.50 | - | 20.0 | 3.000 | - | 85 |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
   # With two seeds the verdict says so instead of testing.
