@@ -224,8 +224,9 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
   """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
-  mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test
-  over seeds, and (WER only) a paired bootstrap over utterances pooled across those seeds."""
+  mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget):
+  per-variant mean/std over seeds, paired t-test over seeds, and (WER only) a paired bootstrap over utterances
+  pooled across those seeds."""
   from scipy import stats as sstats
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
