@@ -10,9 +10,12 @@ with the corpus and shards shared, model seed = data-order seed = eval seed = k,
 scored on the same sentences with the same prompts (paired). A finished run (its results.json exists) is skipped,
 so an interrupted study resumes where it stopped.
 
-Variants (same config, data, eval items and total step budget):
+Variants (same config, data and eval items; the same total step budget unless named otherwise):
   e2e                    stages 1 -> 2 -> 3: the method
   cascaded               config_lib.make_cascaded: recognition-only tokenizer, networks trained separately
+  cascaded_equal_flops   cascaded with stage 2 lengthened until its analytic training FLOPs equal e2e's: the same
+                         compute rather than the same steps (a joint stage-1 step runs all four networks, a
+                         cascade's only tokenizer + RM, so at equal steps e2e spends ~2x the compute)
   recognition_tokenizer  stage 1 trains only tokenizer + RM, on recognition; then stages 2 -> 3 exactly as e2e:
                          isolates what the joint stage-1 objective does to the token space
   detached_tokens        stage 1 trains all four networks exactly as e2e, but only the RM's loss reaches the
@@ -45,9 +48,22 @@ def _recognition_tokenizer(c: ml_collections.ConfigDict) -> None:
   c.train.stage1.weights.update(rm=1.0, usage=usage)
 
 
+def _cascaded_equal_flops(c: ml_collections.ConfigDict) -> None:
+  from e2etts_jax import flops
+  from e2etts_jax.system import DataInfo
+  info = DataInfo.for_config(c)
+  target = flops.train_flops(c, info)   # c is the study's (e2e) config
+  config_lib.make_cascaded(c)
+  c.train.stage2.steps = 0
+  rest = target - flops.train_flops(c, info)
+  batch, frames = int(c.data.batch_size), int(c.data.max_frames)
+  c.train.stage2.steps = max(1, round(rest / flops.step_flops(c, info, batch, frames, "stage2")))
+
+
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "e2e": lambda c: None,
     "cascaded": config_lib.make_cascaded,
+    "cascaded_equal_flops": _cascaded_equal_flops,
     "recognition_tokenizer": _recognition_tokenizer,
     "detached_tokens": lambda c: setattr(c.train.stage1, "token_grads", "rm"),
     "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
@@ -68,6 +84,10 @@ CLAIMS = (
     ("e2e", "detached_tokens", "mel_mse"),
     ("e2e", "cascaded", "mel_mse"),
     ("e2e", "cascaded", "speaker_miss"),
+    ("e2e", "cascaded_equal_flops", "tts"),
+    ("e2e", "cascaded_equal_flops", "resynthesis"),
+    ("e2e", "cascaded_equal_flops", "mel_mse"),
+    ("e2e", "cascaded_equal_flops", "speaker_miss"),
     ("e2e", "detached_tokens", "speaker_miss"),
     ("e2e", "no_usage", "resynthesis"),
     ("e2e", "no_prior", "resynthesis"),
@@ -119,8 +139,13 @@ def machine() -> str:
 
 
 def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str],
-                commit: Optional[str] = None) -> dict:
-  """The results.json content of one run, from main_job's summary and the per-utterance eval results."""
+                commit: Optional[str] = None, study_steps: Optional[int] = None,
+                train_flops: Optional[float] = None) -> dict:
+  """The results.json content of one run, from main_job's summary and the per-utterance eval results.
+
+  study_steps: the study config's total steps (runs pair up by it, whatever steps their variant moved or added);
+  train_flops: the run's analytic training FLOPs (`flops.train_flops` of its config).
+  """
   ev = summary["eval"]
   ceiling = (ev.get("ceiling") or {}).get("wer")
   per_utt = {}
@@ -132,7 +157,8 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
   stage1 = summary["final_losses"].get("stage1", {})
   return {
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
-      "steps": summary["steps"], "overrides": list(overrides),
+      "steps": summary["steps"], "study_steps": study_steps, "train_flops": train_flops,
+      "overrides": list(overrides),
       "batch_size": summary.get("batch_size"), "machine": machine(), "commit": commit,
       "date": datetime.date.today().isoformat(),
       "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],
@@ -157,7 +183,8 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
               corpus_dir: str, num_utterances: int, eval_items: int, overrides: Sequence[str] = (),
               progress: bool = True) -> list[str]:
   """Trains and scores every (variant, seed) not done yet; returns the results.json paths of all of them."""
-  from e2etts_jax import main_job
+  from e2etts_jax import flops, main_job
+  from e2etts_jax.system import DataInfo
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -165,6 +192,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
   commit = _commit()   # the code this process loaded, not whatever the checkout holds when a run ends
   if not config.data.shards:
     config.data.shards = os.path.join(out, "shards")
+  study_steps = sum(int(config.train[s].steps) for s in config_lib.STAGES)
   paths = []
   for seed in seeds:
     for v in variants:
@@ -179,7 +207,8 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
                              eval_items=eval_items, eval_seed=seed, progress=progress)
       summary["batch_size"] = int(c.data.batch_size)
-      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit)
+      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit,
+                        study_steps=study_steps, train_flops=flops.train_flops(c, DataInfo.for_config(c)))
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1, default=float)
@@ -202,15 +231,30 @@ def load_results(roots: Iterable[str]) -> list[dict]:
           if os.path.exists(summary):
             with open(summary, encoding="utf-8") as f:
               r["speaker_first"] = speaker_first(json.load(f))
+        if r.get("train_flops") is None:   # saved before the field: the run's config.json says what it trained
+          r["train_flops"] = _config_train_flops(os.path.dirname(path))
         r["path"] = path
         r["study"] = os.path.basename(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
         rows.append(r)
   return rows
 
 
+def _config_train_flops(run_dir: str) -> Optional[float]:
+  """flops.train_flops of the config.json in `run_dir` (None without one)."""
+  path = os.path.join(run_dir, "config.json")
+  if not os.path.exists(path):
+    return None
+  from e2etts_jax import flops
+  from e2etts_jax.system import DataInfo
+  with open(path, encoding="utf-8") as f:
+    c = config_lib.from_dict(json.load(f))
+  return flops.train_flops(c, DataInfo.for_config(c))
+
+
 def _budget(r: Mapping) -> str:
-  """The compute budget runs are compared at: total steps x batch (cascaded moves stage 3's steps to stage 2)."""
-  return f"{sum(r['steps'].values())} x {r.get('batch_size') or '?'}"
+  """The budget runs are paired at: the study config's total steps x batch (cascaded moves stage 3's steps to
+  stage 2; cascaded_equal_flops adds steps; older records without study_steps: their own total)."""
+  return f"{r.get('study_steps') or sum(r['steps'].values())} x {r.get('batch_size') or '?'}"
 
 
 def _stages(r: Mapping) -> str:
@@ -270,13 +314,15 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "Produced by `e2etts-ablate --report_only` from the runs' results.json files; do not edit by hand.",
            "WER is pocketsphinx's (Seed-TTS-Eval normalisation) on held-out sentences with same-speaker prompts; "
            "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
-           "Budget: total training steps x batch size (the same for every variant of a study); stages: the steps of "
-           "stage 1/2/3. TTS speaker first: the share of TTS outputs whose RM speaker embedding ranks the prompt's "
+           "Budget: the study config's total training steps x batch size (runs pair up by it); stages: the steps "
+           "each run took in stage 1/2/3; train TFLOP: analytic training FLOPs (`flops.train_flops`, at the padded "
+           "batch shape), what `cascaded_equal_flops` matches to e2e's. TTS speaker first: the share of TTS outputs whose RM speaker embedding ranks the prompt's "
            "speaker first among the corpus speakers.", "",
            "## Runs", "",
            "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
-           "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train min | date | commit |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train TFLOP | train min | date | "
+           "commit |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
     spk = (r.get("speaker_first") or {}).get("tts")
@@ -284,7 +330,9 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
         f"| {r.get('study') or '-'} | {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
         f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | "
-        f"{_num(None if spk is None else 100 * spk, '{:.0f}')} | {_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
+        f"{_num(None if spk is None else 100 * spk, '{:.0f}')} | "
+        f"{_num(None if r.get('train_flops') is None else r['train_flops'] / 1e12, '{:.1f}')} | "
+        f"{_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
             "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "

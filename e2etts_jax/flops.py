@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from e2etts_jax import objectives
+from e2etts_jax import config_lib, objectives
 from e2etts_jax.system import DataInfo
 
 
@@ -59,3 +59,11 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
   if w["e2e_asr"] or w["e2e_spk"]:
     total += fwd["rm"] * mult("rm", True)
   return total
+
+
+def train_flops(config: ml_collections.ConfigDict, info: DataInfo) -> float:
+  """Analytic FLOPs of a whole training run: each stage's steps x its joint step at the padded batch shape
+  [data.batch_size, data.max_frames] (what equal-compute comparisons match)."""
+  batch, frames = int(config.data.batch_size), int(config.data.max_frames)
+  return sum(int(config.train[s].steps) * step_flops(config, info, batch, frames, s)
+             for s in config_lib.STAGES if int(config.train[s].steps) > 0)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import stats as sstats
 
-from e2etts_jax import ablate, config_lib
+from e2etts_jax import ablate, config_lib, flops
+from e2etts_jax.system import DataInfo
 
 
 def test_variant_configs_change_only_what_they_name():
@@ -34,13 +35,22 @@ def test_variant_configs_change_only_what_they_name():
   no_prior.fm.encoder_layers, no_prior.fm.prior_weight = base.fm.encoder_layers, base.fm.prior_weight
   assert no_prior.to_dict() == base.to_dict()
   assert base.train.stage1.weights.usage > 0   # the copies never touch the original
+  # Equal compute: the cascade of the same config, stage 2 lengthened until the analytic training FLOPs match
+  # e2e's to within one stage-2 step.
+  equal = ablate.variant_config(base, "cascaded_equal_flops", 0)
+  info = DataInfo.for_config(base)
+  step2 = flops.step_flops(equal, info, base.data.batch_size, base.data.max_frames, "stage2")
+  assert abs(flops.train_flops(equal, info) - flops.train_flops(base, info)) <= step2 / 2
+  assert equal.train.stage2.steps > cas.train.stage2.steps   # a cascade's stage-1 step is cheaper than e2e's
+  equal.train.stage2.steps = cas.train.stage2.steps
+  assert equal.to_dict() == cas.to_dict()
   for v in ablate.VARIANTS:
     config_lib.validate(ablate.variant_config(base, v, 0), 1)
   with pytest.raises(ValueError, match="unknown variant 'e2f'"):
     ablate.variant_config(base, "e2f", 0)
 
 
-def _summary(workdir, tts, resyn, ceiling, utts):
+def _summary(workdir, tts, resyn, ceiling, utts, steps=None):
   """A main-job summary plus the eval folders' per-utterance results, as main_job.run leaves them."""
   for system, wer in (("tts", tts), ("resynthesis", resyn), ("ceiling", ceiling)):
     d = os.path.join(workdir, "eval", system)
@@ -49,7 +59,7 @@ def _summary(workdir, tts, resyn, ceiling, utts):
       json.dump({"summary": {}, "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i}
                                                for i, u in enumerate(utts)]}, f)
   ev = lambda w: {"wer": w, "wer_ci": [w - 1, w + 1], "sim": 0.5, "rtf": 0.4, "scored": len(utts), "failed": 0}
-  return {"config_name": "tiny", "mode": "e2e", "steps": {"stage1": 4, "stage2": 2, "stage3": 2},
+  return {"config_name": "tiny", "mode": "e2e", "steps": steps or {"stage1": 4, "stage2": 2, "stage3": 2},
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
           "final_losses": {"stage1": {"codes/perplexity": 7.0}}, "eval_items": len(utts),
           "phases": {"train": 60.0}, "total_seconds": 90.0, "resynthesis_mel_mse": resyn / 10.0,
@@ -59,12 +69,12 @@ def _summary(workdir, tts, resyn, ceiling, utts):
 def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch):
   from e2etts_jax import main_job
   calls = []
-  wers = {"e2e": 40.0, "cascaded": 60.0}
+  wers = {"e2e": 40.0, "cascaded": 60.0, "cascaded_equal_flops": 50.0}
 
   def fake_run(config, workdir, **kw):
     calls.append((config.train.mode, config.seed, kw["eval_seed"], os.path.basename(os.path.dirname(workdir))))
     return _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
-                    ["a", "b", "c"])
+                    ["a", "b", "c"], steps={s: int(config.train[s].steps) for s in config_lib.STAGES})
 
   monkeypatch.setattr(main_job, "run", fake_run)
   c = config_lib.get_config("tiny")
@@ -80,10 +90,24 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert r["mel_mse"] == 3.0
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
-  # A second call finds every results.json and trains nothing.
-  ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
+  info = DataInfo.for_config(c)
+  assert r["study_steps"] == sum(c.train[s].steps for s in config_lib.STAGES)
+  assert r["train_flops"] == pytest.approx(flops.train_flops(c, info))
+  # A variant that takes more steps than the study still records the study's budget, so it pairs with the
+  # others; its FLOPs are those of the config it trained.
+  ablate.run_study(c, str(tmp_path), ["cascaded_equal_flops"], [0], corpus_dir="x", num_utterances=10,
                    eval_items=3, progress=False)
-  assert len(calls) == 4
+  eq = json.load(open(tmp_path / "cascaded_equal_flops" / "seed0" / "results.json"))
+  equal = ablate.variant_config(c, "cascaded_equal_flops", 0)
+  assert sum(eq["steps"].values()) > r["study_steps"] == eq["study_steps"]
+  assert eq["train_flops"] == pytest.approx(flops.train_flops(equal, info))
+  rows = ablate.load_results([str(tmp_path)])
+  assert len(rows) == 5
+  assert ablate.compare(rows, "e2e", "cascaded_equal_flops", "tts")["n_seeds"] == 1
+  # A second call finds every results.json and trains nothing.
+  ablate.run_study(c, str(tmp_path), ["e2e", "cascaded", "cascaded_equal_flops"], [0], corpus_dir="x",
+                   num_utterances=10, eval_items=3, progress=False)
+  assert len(calls) == 5
 
 
 def _row(variant, seed, tts, utt_wers):
@@ -115,8 +139,13 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   # A results.json without speaker_first (written before the field) takes it from the run's summary.json.
   (tmp_path / "other" / "e2e" / "seed0" / "summary.json").write_text(json.dumps(
       {"speaker_ranking": {"speakers": 4, "tts": {"top1": 0.85, "n": 20}}}))
+  # ... and without train_flops, the flops of the run's config.json.
+  tiny = config_lib.get_config("tiny")
+  (tmp_path / "other" / "e2e" / "seed0" / "config.json").write_text(json.dumps(tiny.to_dict()))
   loaded = ablate.load_results([str(tmp_path)])
   assert len(loaded) == 9   # the eval folders' own results.json are not runs
+  other0 = next(r for r in loaded if r["study"] == "other" and r["seed"] == 0)
+  assert other0["train_flops"] == pytest.approx(flops.train_flops(tiny, DataInfo.for_config(tiny)))
   assert {r["study"] for r in loaded} == {tmp_path.name, "other"}
   c = ablate.compare(loaded, "e2e", "cascaded", "tts")
   assert c["n_seeds"] == 3 and c["n_utterances"] == 9
@@ -136,8 +165,9 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
-  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 | - | 20.0 | 18.000 | - | 85 |" in md
-  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 9.00 | - | 20.0 | 18.000 | - | - |" in md
+  assert (f"| other | small | 4 x 8 | 2/1/1 | e2e | 0 | CPU | 9.00 | - | 20.0 | 18.000 | - | 85 | "
+          f"{other0['train_flops'] / 1e12:.1f} |") in md
+  assert "| other | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 9.00 | - | 20.0 | 18.000 | - | - | - |" in md
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 1.50 | - | 20.0 | 3.000 | - | 85 |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
