@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from e2etts_jax import audio
+from e2etts_jax import audio, synthesis
 
 VARIANTS = ("ground_truth", "envelope", "prior", "resynthesis")
 
@@ -81,6 +81,7 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   meta = {"envelope_coeffs": int(envelope_coeffs), "items": len(items), "seed": int(seed),
           "workdir": getattr(synth, "workdir", None), "config": c.name, "step": synth.meta.get("global_step"),
           "fm": f"d{c.fm.d_model} x {c.fm.num_layers} layers", "token_rate": float(c.tokenizer.token_rate),
+          "inference": synthesis.inference_settings(c),
           **(meta or {})}
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "diagnosis.json"), "w") as f:

@@ -1,6 +1,6 @@
 """Text-to-speech with a trained workdir: text -> speech tokens (LLM) -> log-mel (flow matching) -> waveform.
 
-  synth = Synthesizer.from_workdir("runs/quickstart")
+  synth = Synthesizer.from_workdir("runs/quickstart")   # [, inference={"fm.ode_steps": 32}]: see INFERENCE_KEYS
   result = synth.synthesize("Hello there.", prompt_wav="ref.wav", prompt_text="The reference transcript.")
   result.save("out.wav")              # also writes out.png, a picture of the generated mel
 
@@ -46,14 +46,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from e2etts_jax import audio, checkpoint, text as text_lib
+from e2etts_jax import audio, checkpoint, config_lib, text as text_lib
 from e2etts_jax.models import flow_matching, generation, vocoder as vocoder_lib
+from e2etts_jax.system import System
 
 # Token-count buckets for the tokenizer, RM and FM (x ~1.4 apart: at most ~40% padding, few compiles).
 BUCKETS = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096)
 _PROMPT_CACHE_SIZE = 64
 
 PromptAudio = Union[str, "os.PathLike[str]", tuple]   # a path, or (wav [samples], sample_rate)
+
+# The config values a trained system may be synthesised with other than those it was trained with: how the LLM
+# samples and how the FM's ODE is solved. Anything else would no longer describe the trained parameters.
+INFERENCE_KEYS = (*(f"llm.{k}" for k in generation.SAMPLING_KEYS), "fm.ode_steps", "fm.guidance", "fm.temperature")
 
 
 class SynthesisError(ValueError):
@@ -149,19 +154,51 @@ class _Prompt:
   spk: np.ndarray          # [E] RM speaker embedding of the prompt tokens
 
 
+def inference_settings(config: ml_collections.ConfigDict) -> dict:
+  """{key: value} of INFERENCE_KEYS in `config` (what a synthesis report records)."""
+  out = {}
+  for key in INFERENCE_KEYS:
+    section, name = key.split(".")
+    out[key] = config[section][name]
+  return out
+
+
+def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[str]]):
+  """`system` (a `system.System`) with INFERENCE_KEYS `settings` applied to a copy of its config (the same object
+  when there are none). Raises ValueError naming a key outside INFERENCE_KEYS or a value that does not parse."""
+  items = dict(settings) if isinstance(settings, Mapping) else dict(s.split("=", 1) if "=" in s else (s, None)
+                                                                     for s in settings)
+  if not items:
+    return system
+  for key, value in items.items():
+    if key not in INFERENCE_KEYS:
+      raise ValueError(f"{key!r} is not an inference setting: a trained system synthesises with other values "
+                       f"of {', '.join(INFERENCE_KEYS)} only")
+    if value is None:
+      raise ValueError(f"inference setting {key!r} has no value: write {key}=VALUE")
+  config = ml_collections.ConfigDict(system.config.to_dict())
+  try:
+    config_lib.apply_overrides(config, items)
+  except config_lib.ConfigError as e:
+    raise ValueError(str(e)) from e
+  return System(config, system.info)
+
+
 class Synthesizer:
   """A trained system ready to synthesise. Build with `from_workdir`; methods are not thread-safe."""
 
   def __init__(self, system, params: Mapping[str, Any], sp, *, seed: int = 0, vocoder: str = "griffin_lim",
-               sampling: Optional[Mapping[str, float]] = None, meta: Optional[Mapping] = None,
+               inference: Union[Mapping[str, Any], Sequence[str]] = (), meta: Optional[Mapping] = None,
                workdir: Optional[str] = None):
     """system: `system.System`; params: {'tokenizer', 'llm', 'fm', 'rm'} params; sp: the sentencepiece
     processor the LLM was trained with; seed: default seed of every call; vocoder: a `vocoder` registry name;
-    sampling: overrides of config.llm sampling values (generation.SAMPLING_KEYS)."""
+    inference: settings of INFERENCE_KEYS to synthesise with instead of the trained config's, as
+    {'fm.temperature': 0.5} or ['fm.temperature=0.5'] (ValueError naming the key for any other)."""
+    system = with_inference_settings(system, inference)
     self.system, self.params, self.sp = system, params, sp
     self.config: ml_collections.ConfigDict = system.config
     self.seed, self.meta, self.workdir = int(seed), dict(meta or {}), workdir
-    self.sampling = generation.sampling_params(self.config, sampling)
+    self.sampling = generation.sampling_params(self.config)
     self.vocoder = vocoder_lib.make_vocoder(self.config, vocoder)
     c = self.config
     self.sample_rate = int(c.audio.sample_rate)

@@ -6,12 +6,14 @@ import os
 import shutil
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 import soundfile as sf
 
 from e2etts_jax import audio, checkpoint, synthesis
 from e2etts_jax.models import generation
+from e2etts_jax.system import System
 from tests.conftest import FAST_VOCODER
 
 TEXT = "The cat sat quietly on the warm mat."
@@ -236,3 +238,30 @@ def test_prior_mel_is_the_fm_prior_head_denormalised(synth, utts):
   np.testing.assert_allclose(mel, np.tile(per_token, (tokens.shape[0], 1)), rtol=1e-6, atol=1e-6)
   with pytest.raises(synthesis.SynthesisError, match="no speech tokens"):
     synth.prior_mel(np.zeros((0,), np.int32))
+
+
+def test_inference_settings_change_only_how_the_system_samples(synth, utts, workdir):
+  mel = synth.mel_of(audio.load_audio(utts[0]["audio"], 16000), 16000)[: synth.ds * 8]
+  key = jax.random.key(3)
+  one_step = synthesis.Synthesizer(synth.system, synth.params, synth.sp,
+                                   inference=["fm.ode_steps=1", "fm.temperature=0", "llm.top_k=5"])
+  assert (one_step.config.fm.ode_steps, one_step.config.fm.temperature, one_step.sampling["top_k"]) == (1, 0.0, 5)
+  assert synth.config.fm.ode_steps != 1 and synth.sampling["top_k"] != 5   # the trained config is untouched
+  # The same as a system whose config says so: the settings reach the LLM sampler and the FM's ODE solve.
+  edited = ml_collections.ConfigDict(synth.config.to_dict())
+  edited.fm.update(ode_steps=1, temperature=0.0)
+  reference = synthesis.Synthesizer(System(edited, synth.system.info), synth.params, synth.sp)
+  got = one_step.resynthesize_mel(mel, key)
+  np.testing.assert_array_equal(got, reference.resynthesize_mel(mel, key))
+  assert not np.allclose(got, synth.resynthesize_mel(mel, key))
+  with pytest.raises(ValueError, match="'fm.d_model' is not an inference setting"):
+    synthesis.Synthesizer(synth.system, synth.params, synth.sp, inference={"fm.d_model": 8})
+  with pytest.raises(ValueError, match="fm.ode_steps.*cannot parse 'many'"):
+    synthesis.Synthesizer(synth.system, synth.params, synth.sp, inference=["fm.ode_steps=many"])
+  with pytest.raises(ValueError, match="has no value"):
+    synthesis.Synthesizer(synth.system, synth.params, synth.sp, inference=["fm.guidance"])
+  from absl import app
+  from e2etts_jax.cli import synthesize as synth_cli
+  with pytest.raises(app.UsageError, match="not an inference setting"):
+    synth_cli.main(["e2etts-synthesize", f"--workdir={workdir['run']}", f"--text={TEXT}",
+                    "--inference=fm.d_model=8"])

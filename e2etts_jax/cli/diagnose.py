@@ -3,6 +3,7 @@
   e2etts-diagnose --workdir runs/main --manifest runs/main/corpus/manifest.jsonl --out runs/main/diagnosis
   e2etts-diagnose --workdir W --manifest M --out D --split train --items 16   # sentences it was trained on
   ... [--variants ground_truth,envelope,prior,resynthesis] [--envelope_coeffs 20] [--seed 0]
+  ... [--inference fm.temperature=0.5,fm.ode_steps=32]   # sample the FM otherwise than the trained config says
   e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
 
 Scores the judge (pocketsphinx) on the ground truth, its spectral envelope, the FM prior of its tokens and their
@@ -36,6 +37,7 @@ flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept
 flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAGS)
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
+flag_parsing.define_inference_flag(FLAGS)
 flags.DEFINE_string("collect", None, "Instead of diagnosing: render every DIR/*/diagnosis.json as one table "
                     "(into --md, else stdout).", flag_values=FLAGS)
 flags.DEFINE_string("md", None, "With --collect: the markdown file to write the table into.", flag_values=FLAGS)
@@ -68,9 +70,10 @@ def _diagnose_from_flags() -> int:
     raise app.UsageError(f"unknown --variants {', '.join(bad)}; choose from {', '.join(diagnosis.VARIANTS)}")
   perf.enable_compilation_cache()
   try:
-    synth = synthesis.Synthesizer.from_workdir(FLAGS.workdir, step=FLAGS.step, seed=FLAGS.seed)
+    synth = synthesis.Synthesizer.from_workdir(FLAGS.workdir, step=FLAGS.step, seed=FLAGS.seed,
+                                               inference=FLAGS.inference)
     items = evaluation.items_from_manifest(FLAGS.manifest, split=FLAGS.split, seed=FLAGS.seed)
-  except (FileNotFoundError, checkpoint.CheckpointError, evaluation.MetalistError) as e:
+  except (FileNotFoundError, checkpoint.CheckpointError, evaluation.MetalistError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   items = main_job.pick_items(items, FLAGS.items)
   if not items:

@@ -51,6 +51,7 @@ flags.DEFINE_integer("seed", 0, "Seed for manifest prompt choice and the bootstr
 flags.DEFINE_integer("bootstrap", 2000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_integer("mel_plots", 3, "Utterances that get a mel image in the report.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar.", flag_values=FLAGS)
+flag_parsing.define_inference_flag(FLAGS)
 
 
 
@@ -72,7 +73,10 @@ def _make_synthesize(workdir: str):
   if synth_cls is None or not hasattr(synth_cls, "from_workdir"):
     raise app.UsageError("e2etts_jax.synthesis has no Synthesizer.from_workdir(workdir); "
                          "score pre-synthesised wavs with --wavs DIR")
-  return synth_cls.from_workdir(workdir).synthesize_item
+  try:
+    return synth_cls.from_workdir(workdir, inference=FLAGS.inference).synthesize_item
+  except ValueError as e:   # an --inference key or value it cannot take
+    raise app.UsageError(str(e)) from e
 
 
 def _speaker_kwargs() -> dict:
@@ -91,6 +95,8 @@ def _evaluate_from_flags() -> int:
              if on]
   if len(sources) != 1:
     raise app.UsageError(f"give exactly one of --wavs, --workdir, --ceiling (got {', '.join(sources) or 'none'})")
+  if FLAGS.inference and not FLAGS.workdir:
+    raise app.UsageError("--inference sets how a --workdir system synthesises; it needs --workdir")
   if FLAGS.speaker == "internal":
     raise app.UsageError("--speaker internal needs a callable; use it from Python (speaker.CallableEncoder)")
   if FLAGS.asr == "pocketsphinx" and FLAGS.lang != "en":
@@ -109,7 +115,7 @@ def _evaluate_from_flags() -> int:
       items, FLAGS.out, synthesize=synthesize, wavs_dir=FLAGS.wavs, ceiling=FLAGS.ceiling, asr=asr,
       speaker_encoder=encoder, lang=FLAGS.lang, ceiling_results=FLAGS.ceiling_results, compare_to=FLAGS.compare,
       n_resamples=FLAGS.bootstrap, seed=FLAGS.seed, num_mel_plots=FLAGS.mel_plots, progress=FLAGS.progress,
-      meta={"list": FLAGS.list, "workdir": FLAGS.workdir})
+      meta={"list": FLAGS.list, "workdir": FLAGS.workdir, "inference": FLAGS.inference})
   s = results["summary"]
   c = s["counts"]
   if s["wer"]:

@@ -33,3 +33,13 @@ def app_flags_parser(flag_values: flags.FlagValues, doc: str):
       sys.stderr.write(f"FATAL flags parsing error: {e}\nPass --help to see the flags.\n")
       sys.exit(1)
   return parse
+
+
+INFERENCE_HELP = ("Inference settings to synthesise with instead of the trained config's, key=value[,...]: "
+                  "llm.temperature, llm.top_k, llm.top_p, llm.ras_window, llm.ras_tau, llm.min_ratio, "
+                  "llm.max_ratio, fm.ode_steps, fm.guidance, fm.temperature (synthesis.INFERENCE_KEYS).")
+
+
+def define_inference_flag(flag_values: flags.FlagValues) -> None:
+  """--inference: the one spelling of synthesis.INFERENCE_KEYS overrides on every CLI that synthesises."""
+  flags.DEFINE_list("inference", [], INFERENCE_HELP, flag_values=flag_values)

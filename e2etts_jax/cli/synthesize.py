@@ -47,6 +47,7 @@ flags.DEFINE_integer("seed", 0, "Sampling seed (same seed, same wav).", flag_val
 flags.DEFINE_string("vocoder", "griffin_lim", "Registered vocoder name.", flag_values=FLAGS)
 flags.DEFINE_bool("png", True, "Write a mel picture next to every wav.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show a progress bar in batch mode.", flag_values=FLAGS)
+flag_parsing.define_inference_flag(FLAGS)
 
 REPORT_NAME = "synthesis.jsonl"
 
@@ -168,8 +169,8 @@ def _synthesize_from_flags() -> int:
   t0 = time.perf_counter()
   try:
     synth = synthesis.Synthesizer.from_workdir(FLAGS.workdir, step=FLAGS.step, seed=FLAGS.seed,
-                                               vocoder=FLAGS.vocoder)
-  except (FileNotFoundError, checkpoint.CheckpointError) as e:
+                                               vocoder=FLAGS.vocoder, inference=FLAGS.inference)
+  except (FileNotFoundError, checkpoint.CheckpointError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   print(f"loaded {FLAGS.workdir} (step {synth.meta.get('global_step')}, stage {synth.meta.get('stage')}) "
         f"in {time.perf_counter() - t0:.1f} s")
