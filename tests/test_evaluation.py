@@ -365,8 +365,8 @@ def test_cli_workdir_uses_synthesis_module_or_says_it_is_missing(corpus, tmp_pat
 
   class FakeSynthesizer:
     @classmethod
-    def from_workdir(cls, workdir):
-      assert workdir == str(tmp_path)
+    def from_workdir(cls, workdir, inference=()):
+      assert workdir == str(tmp_path) and inference == ["fm.ode_steps=3"]
       return cls()
 
     def synthesize_item(self, item):
@@ -374,8 +374,12 @@ def test_cli_workdir_uses_synthesis_module_or_says_it_is_missing(corpus, tmp_pat
       return wav, sr, {"steps": 3}
 
   monkeypatch.setitem(sys.modules, "e2etts_jax.synthesis", types.SimpleNamespace(Synthesizer=FakeSynthesizer))
-  assert cli.main(argv) == 0
+  assert cli.main(argv + ["--inference=fm.ode_steps=3"]) == 0
   with open(tmp_path / "o" / "results.json", encoding="utf-8") as f:
     res = json.load(f)
   assert res["meta"]["mode"] == "synthesize" and res["summary"]["counts"]["scored"] == 1
+  assert res["meta"]["inference"] == ["fm.ode_steps=3"]
+  ceiling_argv = [a for a in argv if not a.startswith("--workdir")] + ["--ceiling", "--inference=fm.ode_steps=3"]
+  with pytest.raises(cli.app.UsageError, match="--inference .* needs --workdir"):
+    cli.main(ceiling_argv)
   assert math.isfinite(res["summary"]["rtf"]["overall"])
