@@ -316,8 +316,8 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
            "Budget: the study config's total training steps x batch size (runs pair up by it); stages: the steps "
            "each run took in stage 1/2/3; train TFLOP: analytic training FLOPs (`flops.train_flops`, at the padded "
-           "batch shape), what `cascaded_equal_flops` matches to e2e's. TTS speaker first: the share of TTS outputs whose RM speaker embedding ranks the prompt's "
-           "speaker first among the corpus speakers.", "",
+           "batch shape), what `cascaded_equal_flops` matches to e2e's. TTS speaker first: the share of TTS "
+           "outputs whose RM speaker embedding ranks the prompt's speaker first among the corpus speakers.", "",
            "## Runs", "",
            "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
            "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train TFLOP | train min | date | "

@@ -166,6 +166,8 @@ def inference_settings(config: ml_collections.ConfigDict) -> dict:
 def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[str]]):
   """`system` (a `system.System`) with INFERENCE_KEYS `settings` applied to a copy of its config (the same object
   when there are none). Raises ValueError naming a key outside INFERENCE_KEYS or a value that does not parse."""
+  if isinstance(settings, str):
+    settings = [settings]
   items = dict(settings) if isinstance(settings, Mapping) else dict(s.split("=", 1) if "=" in s else (s, None)
                                                                      for s in settings)
   if not items:
