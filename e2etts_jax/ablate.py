@@ -184,7 +184,6 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
               progress: bool = True) -> list[str]:
   """Trains and scores every (variant, seed) not done yet; returns the results.json paths of all of them."""
   from e2etts_jax import flops, main_job
-  from e2etts_jax.system import DataInfo
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -208,7 +207,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
                              eval_items=eval_items, eval_seed=seed, progress=progress)
       summary["batch_size"] = int(c.data.batch_size)
       res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit,
-                        study_steps=study_steps, train_flops=flops.train_flops(c, DataInfo.for_config(c)))
+                        study_steps=study_steps, train_flops=flops.train_flops(c))
       tmp = path + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1, default=float)
@@ -245,10 +244,8 @@ def _config_train_flops(run_dir: str) -> Optional[float]:
   if not os.path.exists(path):
     return None
   from e2etts_jax import flops
-  from e2etts_jax.system import DataInfo
   with open(path, encoding="utf-8") as f:
-    c = config_lib.from_dict(json.load(f))
-  return flops.train_flops(c, DataInfo.for_config(c))
+    return flops.train_flops(config_lib.from_dict(json.load(f)))
 
 
 def _budget(r: Mapping) -> str:

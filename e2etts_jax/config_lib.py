@@ -375,7 +375,14 @@ def apply_overrides(c: ml_collections.ConfigDict, overrides: Iterable[str] | dic
   Values are parsed like the command line: ints, floats, bools, tuples. Unknown keys raise ConfigError
   listing the closest valid keys.
   """
-  items = overrides.items() if isinstance(overrides, dict) else (o.split("=", 1) for o in overrides)
+  if isinstance(overrides, dict):
+    items = list(overrides.items())
+  else:
+    items = []
+    for o in overrides:
+      if "=" not in o:
+        raise ConfigError(f"override {o!r} has no value: write {o}=VALUE")
+      items.append(tuple(o.split("=", 1)))
   for key, value in items:
     node, parts = c, key.split(".")
     for i, p in enumerate(parts):

@@ -168,19 +168,16 @@ def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[
   when there are none). Raises ValueError naming a key outside INFERENCE_KEYS or a value that does not parse."""
   if isinstance(settings, str):
     settings = [settings]
-  items = dict(settings) if isinstance(settings, Mapping) else dict(s.split("=", 1) if "=" in s else (s, None)
-                                                                     for s in settings)
-  if not items:
+  settings = dict(settings) if isinstance(settings, Mapping) else list(settings)
+  if not settings:
     return system
-  for key, value in items.items():
+  for key in (settings if isinstance(settings, dict) else (s.split("=", 1)[0] for s in settings)):
     if key not in INFERENCE_KEYS:
       raise ValueError(f"{key!r} is not an inference setting: a trained system synthesises with other values "
                        f"of {', '.join(INFERENCE_KEYS)} only")
-    if value is None:
-      raise ValueError(f"inference setting {key!r} has no value: write {key}=VALUE")
   config = ml_collections.ConfigDict(system.config.to_dict())
   try:
-    config_lib.apply_overrides(config, items)
+    config_lib.apply_overrides(config, settings)   # parses 'key=value' strings like the command line
   except config_lib.ConfigError as e:
     raise ValueError(str(e)) from e
   return System(config, system.info)

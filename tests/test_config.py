@@ -59,6 +59,9 @@ def test_apply_overrides_parses_types_and_suggests_keys():
   assert c.model.dtype == "bfloat16" and c.tokenizer.fsq_levels == (5, 5)
   with pytest.raises(ConfigError, match="did you mean 'learning_rate'"):
     config_lib.apply_overrides(c, ["train.stage1.learnin_rate=1"])
+  with pytest.raises(ConfigError, match="'train.stage1.steps' has no value: write train.stage1.steps=VALUE"):
+    config_lib.apply_overrides(c, ["train.stage1.steps"])
+  assert c.train.stage1.steps == 7   # nothing applied
 
 
 def test_cascaded_keeps_the_step_budget():
