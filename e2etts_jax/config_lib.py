@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
+from e2etts_jax.models import flow_matching
+
 NETWORKS = ("tokenizer", "llm", "fm", "rm")
 STAGES = ("stage1", "stage2", "stage3")
 LOSS_TERMS = ("llm", "rm", "fm", "usage", "e2e_fm", "e2e_asr", "e2e_spk")
@@ -118,6 +120,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fm = ml_collections.ConfigDict({
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
       "sigma_min": 1e-6,
+      "t_schedule": "uniform",     # training flow times: 'uniform' U(0, 1), or 'cosine' 1 - cos(u pi / 2) (CosyVoice)
       "cfg_drop": 0.2,
       "prompt_prob": 0.5,
       "prompt_max_frac": 0.3,
@@ -126,6 +129,7 @@ def base_config() -> ml_collections.ConfigDict:
       "temperature": 1.0,         # initial-noise scale of sampling (flow_matching.sample)
       "encoder_layers": 2,        # transformer layers over the tokens before the frame-rate DiT (CosyVoice's encoder)
       "prior_weight": 1.0,        # weight of the prior-mel MSE inside the FM loss (flow_matching.fm_loss)
+      "prior_start": False,       # flow from N(prior, I) instead of N(0, I) (PriorGrad; FlowMatchingDecoder)
   })
 
   c.rm = ml_collections.ConfigDict({
@@ -311,6 +315,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"model.remat={c.model.remat!r}: choose one of {REMAT_POLICIES}")
   if c.model.scan_unroll < 0:
     raise ConfigError(f"model.scan_unroll={c.model.scan_unroll}: must be >= 0 (0 = all layers)")
+  if c.fm.t_schedule not in flow_matching.T_SCHEDULES:
+    raise ConfigError(f"fm.t_schedule={c.fm.t_schedule!r}: choose one of {flow_matching.T_SCHEDULES}")
   if c.text.ctc_units not in ("char", "sentencepiece"):
     raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
   d = c.data

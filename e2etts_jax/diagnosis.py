@@ -21,7 +21,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from e2etts_jax import audio, synthesis
+from e2etts_jax import audio, config_lib, synthesis
 
 VARIANTS = ("ground_truth", "envelope", "prior", "resynthesis")
 
@@ -80,7 +80,7 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   c = synth.config
   meta = {"envelope_coeffs": int(envelope_coeffs), "items": len(items), "seed": int(seed),
           "workdir": getattr(synth, "workdir", None), "config": c.name, "step": synth.meta.get("global_step"),
-          "fm": f"d{c.fm.d_model} x {c.fm.num_layers} layers", "token_rate": float(c.tokenizer.token_rate),
+          "fm": fm_recipe(c), "token_rate": float(c.tokenizer.token_rate),
           "inference": synthesis.inference_settings(c),
           **(meta or {})}
   os.makedirs(out_dir, exist_ok=True)
@@ -89,6 +89,17 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   with open(os.path.join(out_dir, "diagnosis.md"), "w") as f:
     f.write(markdown(rows, meta))
   return rows
+
+
+# FM training keys whose non-default values `fm_recipe` names (the FM studies of docs/diagnosis.md vary these).
+FM_RECIPE_KEYS = ("encoder_layers", "t_schedule", "prior_start", "prior_weight")
+
+
+def fm_recipe(c) -> str:
+  """The FM's size and its non-default training keys, e.g. 'd192 x 4 layers, t_schedule=cosine'."""
+  default = config_lib.base_config().fm
+  return ", ".join([f"d{c.fm.d_model} x {c.fm.num_layers} layers"]
+                   + [f"{k}={c.fm[k]}" for k in FM_RECIPE_KEYS if c.fm[k] != default[k]])
 
 
 def markdown(rows: dict, meta: dict) -> str:
@@ -104,22 +115,49 @@ def markdown(rows: dict, meta: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def collect(root: str) -> str:
+def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> str:
   """One markdown table of every `root/*/diagnosis.json` (a row per study folder, in name order): each variant's
-  WER and ratio to the ceiling, and the prior's and resynthesis's mel error."""
+  WER and ratio to the ceiling, and the prior's and resynthesis's mel error.
+
+  With `baseline` (a study folder name under `root`), a last column gives each study's resynthesis WER minus the
+  baseline's on the sentences both scored: the mean paired difference in points, its bootstrap 95% interval and
+  two-sided p (`evaluation.compare` on the studies' resynthesis/results.json), and the number of sentences paired.
+  """
   names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
   if not names:
     raise FileNotFoundError(f"no */diagnosis.json under {root}")
+  if baseline is not None and baseline not in names:
+    raise FileNotFoundError(f"baseline study {baseline!r} has no diagnosis.json under {root}")
   cell = lambda r: "-" if r is None or r.get("wer") is None else (
       f"{r['wer']:.1f}" + ("" if r.get("wer_over_ceiling") is None else f" ({r['wer_over_ceiling']:.2f})"))
   mse = lambda r: "-" if r is None or r.get("mel_mse") is None else f"{r['mel_mse']:.3f}"
-  lines = ["| study | config, FM | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
-           + " | mel MSE prior / resynthesis |", "|---" * (5 + len(VARIANTS)) + "|"]
+  header = ("| study | config, FM | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
+            + " | mel MSE prior / resynthesis |")
+  columns = 5 + len(VARIANTS)
+  if baseline is not None:
+    header += f" resynthesis WER - {baseline}'s [95% CI], p (sentences) |"
+    columns += 1
+  lines = [header, "|---" * columns + "|"]
   for name in names:
     with open(os.path.join(root, name, "diagnosis.json")) as f:
       d = json.load(f)
     m, rows = d["meta"], d["variants"]
-    lines.append(f"| {name} | {m.get('config', '-')}, {m.get('fm', '-')} | {m.get('step', '-')} | "
-                 f"{m.get('split', '-')}, {m['items']} | " + " | ".join(cell(rows.get(v)) for v in VARIANTS)
-                 + f" | {mse(rows.get('prior'))} / {mse(rows.get('resynthesis'))} |")
+    line = (f"| {name} | {m.get('config', '-')}, {m.get('fm', '-')} | {m.get('step', '-')} | "
+            f"{m.get('split', '-')}, {m['items']} | " + " | ".join(cell(rows.get(v)) for v in VARIANTS)
+            + f" | {mse(rows.get('prior'))} / {mse(rows.get('resynthesis'))} |")
+    if baseline is not None:
+      line += f" {_paired_cell(root, name, baseline, n_resamples)} |"
+    lines.append(line)
   return "\n".join(lines) + "\n"
+
+
+def _paired_cell(root: str, name: str, baseline: str, n_resamples: int) -> str:
+  """'diff [lo, hi], p P (n)' of study `name`'s resynthesis WER against `baseline`'s; '-' if nothing pairs."""
+  from e2etts_jax.evaluation import report
+  paths = [os.path.join(root, n, "resynthesis", "results.json") for n in (name, baseline)]
+  if name == baseline or not all(os.path.isfile(p) for p in paths):
+    return "-"
+  w = report.compare(*paths, n_resamples=n_resamples)["wer"]
+  if w is None:
+    return "-"
+  return f"{w['diff']:+.1f} [{w['ci_low']:+.1f}, {w['ci_high']:+.1f}], p {w['p_bootstrap']:.3f} ({w['n']})"

@@ -87,6 +87,7 @@ RULES = [
     ("remat", lambda c: setattr(c.model, "remat", "some"), "model.remat"),
     ("scan unroll", lambda c: setattr(c.model, "scan_unroll", -1), "model.scan_unroll"),
     ("ctc units", lambda c: setattr(c.text, "ctc_units", "phone"), "text.ctc_units"),
+    ("fm time schedule", lambda c: setattr(c.fm, "t_schedule", "cos"), "fm.t_schedule"),
     ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),
     ("buckets end", lambda c: setattr(c.data, "bucket_boundaries", (50, 100)), "data.max_frames"),
     ("buckets multiple", lambda c: setattr(c.data, "bucket_boundaries", (51, 100, 200)), "tokenizer.downsample"),

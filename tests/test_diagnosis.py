@@ -60,6 +60,54 @@ def test_diagnose_scores_every_variant_against_the_ceiling(synth, workdir, tmp_p
     diagnosis.diagnose(synth, items, str(tmp_path / "x"), asr=None, variants=["ceiling"])
 
 
+def test_fm_recipe_names_size_and_non_default_training(tiny_config):
+  c = tiny_config
+  assert diagnosis.fm_recipe(c) == f"d{c.fm.d_model} x {c.fm.num_layers} layers"
+  c.fm.update(t_schedule="cosine", prior_start=True, encoder_layers=c.fm.encoder_layers + 1)
+  assert diagnosis.fm_recipe(c) == (f"d{c.fm.d_model} x {c.fm.num_layers} layers, "
+                                    f"encoder_layers={c.fm.encoder_layers}, t_schedule=cosine, prior_start=True")
+
+
+def _fake_study(root, name, utt_wers):
+  """A study folder as `diagnose` leaves it: diagnosis.json and resynthesis/results.json ({utt: WER fraction})."""
+  os.makedirs(root / name / "resynthesis")
+  mean = 100 * float(np.mean(list(utt_wers.values())))
+  row = {"wer": mean, "ci_low": mean, "ci_high": mean, "wer_over_ceiling": None, "mel_mse": 1.0,
+         "scored": len(utt_wers)}
+  json.dump({"variants": {"resynthesis": row}, "meta": {"items": len(utt_wers), "config": "tiny"}},
+            open(root / name / "diagnosis.json", "w"))
+  json.dump({"utterances": [{"utt": u, "wer": w} for u, w in utt_wers.items()]},
+            open(root / name / "resynthesis" / "results.json", "w"))
+
+
+def test_collect_pairs_each_study_with_the_baseline(tmp_path):
+  rng = np.random.default_rng(0)
+  base = {f"u{i}": float(w) for i, w in enumerate(rng.uniform(0.5, 1.0, 30))}
+  better = {u: w - 0.2 for u, w in base.items()}          # 20 points lower on every sentence
+  _fake_study(tmp_path, "a_base", base)
+  _fake_study(tmp_path, "b_better", better)
+  _fake_study(tmp_path, "c_other", {"x1": 0.3, "x2": 0.4})  # other sentences: nothing to pair
+  table = diagnosis.collect(str(tmp_path), baseline="a_base", n_resamples=200)
+  rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+  assert "resynthesis WER - a_base's" in table.splitlines()[0]
+  last = lambda name: rows[name].strip().strip("|").split("|")[-1].strip()
+  assert last("b_better") == "-20.0 [-20.0, -20.0], p 0.000 (30)"
+  assert last("a_base") == "-" and last("c_other") == "-"
+  # Without a baseline the table has no such column; an unknown baseline is named.
+  assert "a_base's" not in diagnosis.collect(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="'nope'"):
+    diagnosis.collect(str(tmp_path), baseline="nope")
+  # The CLI: the same table into --md; a bad baseline is a usage error.
+  from absl import app
+  from e2etts_jax.cli import diagnose as cli
+  md = tmp_path / "table.md"
+  assert cli.main(["e2etts-diagnose", f"--collect={tmp_path}", "--baseline=a_base", "--bootstrap=200",
+                   f"--md={md}"]) == 0
+  assert md.read_text() == table
+  with pytest.raises(app.UsageError, match="'nope'"):
+    cli.main(["e2etts-diagnose", f"--collect={tmp_path}", "--baseline=nope"])
+
+
 def test_cli_names_a_bad_variant_and_a_missing_workdir(workdir, tmp_path):
   from absl import app
   from e2etts_jax.cli import diagnose as cli

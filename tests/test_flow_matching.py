@@ -148,7 +148,7 @@ def _capture_loss(config, batch, mel=None, field=None, prior=None):
   seen = {}
 
   def apply_fn(x_t, t, c, cm, prompt, s, mm):
-    seen.update(prompt=prompt, code_mask=cm, spk=s)
+    seen.update(prompt=prompt, code_mask=cm, spk=s, t=t)
     v = jnp.zeros_like(x_t) if field is None else field(x_t, prompt, mm)
     return v, prior(x_t) if prior is not None else jnp.zeros_like(x_t)
 
@@ -202,6 +202,30 @@ def test_fm_loss_adds_weighted_prior_error(tiny_config, cfg_drop):
   assert float(metrics1["fm_flow"]) == float(metrics["fm_flow"])
 
 
+def test_training_times_follow_the_schedule():
+  n = 200_000
+  u = fm.training_times(jax.random.key(3), n, "uniform")
+  t = fm.training_times(jax.random.key(3), n, "cosine")
+  # The same key gives the same u; the cosine schedule is the warp 1 - cos(u pi / 2) of it.
+  np.testing.assert_allclose(np.asarray(t), 1.0 - np.cos(np.asarray(u) * np.pi / 2), atol=1e-6)
+  # Against the warped law: E[t] = 1 - 2 / pi, P(t < 0.1) = (2 / pi) arccos(0.9) (3-sigma bands).
+  assert abs(float(t.mean()) - (1 - 2 / np.pi)) < 3 * 0.31 / math.sqrt(n)
+  p = 2 / np.pi * np.arccos(0.9)
+  assert abs(float((t < 0.1).mean()) - p) < 3 * math.sqrt(p * (1 - p) / n)
+  assert abs(float((u < 0.1).mean()) - 0.1) < 3 * math.sqrt(0.09 / n)
+  with pytest.raises(ValueError, match="fm.t_schedule='cos'"):
+    fm.training_times(jax.random.key(3), 4, "cos")
+
+
+def test_fm_loss_draws_times_from_the_configured_schedule(tiny_config):
+  batch = _batch(tiny_config)
+  _, _, uniform = _capture_loss(tiny_config, batch)
+  tiny_config.fm.t_schedule = "cosine"
+  _, _, cosine = _capture_loss(tiny_config, batch)
+  np.testing.assert_allclose(np.asarray(cosine["t"]), 1.0 - np.cos(np.asarray(uniform["t"]) * np.pi / 2),
+                             atol=1e-6)
+
+
 def test_fm_loss_cfg_drop_zeroes_all_conditions(tiny_config):
   tiny_config.fm.update(prompt_prob=1.0, cfg_drop=1.0)
   _, metrics, seen = _capture_loss(tiny_config, _batch(tiny_config))
@@ -243,6 +267,37 @@ def test_decoder_padding_invariance_and_unconditional(decoder):
   assert not np.allclose(run(x, zeros, code_mask, x * 0, spk), run(x, zeros, off, x * 0, spk), atol=1e-4)
   with pytest.raises(ValueError, match="downsample"):
     model.apply(params, x, t, codes[:, :-1], code_mask[:, :-1], x, spk, mel_mask)
+
+
+def test_prior_start_flows_from_the_prior(decoder):
+  """fm.prior_start: at initialisation (zero output layers) the returned velocity is (1 - sigma_min) * prior, so a
+  noise-free, unguided solve lands on the prior mel; with trained-like (perturbed) weights the velocity is the
+  standard decoder's evaluated at x_t + (1 - (1 - sigma) t) prior, plus (1 - sigma) prior."""
+  config, model, params, batch = decoder
+  mel, mel_mask, codes, code_mask, spk = batch
+  config = config.copy_and_resolve_references()
+  config.fm.prior_start = True
+  config.fm.sigma_min = 0.01  # large enough that the (1 - sigma) factors are checked
+  started = fm.FlowMatchingDecoder(config)
+  t = jnp.array([0.3, 0.8])
+  x = fm.normalize_mel(mel)
+  v, prior = started.apply(params, x, t, codes, code_mask, x * 0, spk, mel_mask)
+  assert np.abs(np.asarray(prior)).max() > 0.1
+  np.testing.assert_allclose(v, 0.99 * prior, atol=1e-6)
+  apply_fn = lambda *a: started.apply(params, *a)
+  no_prompt = jnp.zeros_like(mel_mask)
+  out = fm.sample(apply_fn, jax.random.key(0), codes, code_mask, mel, no_prompt, spk, mel_mask, steps=4,
+                  guidance=0.0, sigma_min=0.01, temperature=0.0)
+  valid = np.asarray(mel_mask)
+  np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(fm.denormalize_mel(0.99 * prior))[valid],
+                             atol=1e-4)
+  # Perturbed weights: the change of variables against the standard decoder.
+  r = np.random.default_rng(2)
+  params = jax.tree.map(lambda p: p + 0.05 * r.standard_normal(p.shape).astype(np.float32), params)
+  v, prior = started.apply(params, x, t, codes, code_mask, x * 0, spk, mel_mask)
+  shifted = x + (1 - 0.99 * t)[:, None, None] * prior
+  v_std, _ = model.apply(params, shifted, t, codes, code_mask, x * 0, spk, mel_mask)
+  np.testing.assert_allclose(v, v_std + 0.99 * prior, atol=1e-4)
 
 
 def test_params_shard_on_a_mesh(decoder):

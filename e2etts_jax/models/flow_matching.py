@@ -5,7 +5,9 @@ floor sigma_min (CosyVoice 2):
 
   x_t = (1 - (1 - sigma_min) t) x0 + t x1,   x0 ~ N(0, I),   target u = x1 - (1 - sigma_min) x0,
 
-and sampled by a guided Euler ODE solve from t = 0 (noise) to t = 1 (mel) on a cosine time grid.
+and sampled by a guided Euler ODE solve from t = 0 (noise) to t = 1 (mel) on a cosine time grid. Training draws t
+uniformly or, as CosyVoice, warped toward the noise end (`fm.t_schedule`, `training_times`). With `fm.prior_start`
+the noise is centred on the prior mel (PriorGrad), a change of variables inside the network (see `__call__`).
 
 Mel normalisation. Log-mel spans about log(1e-5) = -11.5 (the floor, silence) to +3, with mean about -5 and
 standard deviation about 3.3 (measured on synthetic speech at the tiny, small and paper audio settings). The flow
@@ -113,6 +115,19 @@ class FlowMatchingDecoder(nn.Module):
     code_feat = jnp.repeat(code_feat, ds, axis=1) + jnp.tile(phase.astype(dt), (ts, 1))[None]
     code_feat = code_feat * jnp.repeat(code_mask, ds, axis=1)[..., None].astype(dt)  # dropped/padded -> exactly 0
 
+    # Prior start (PriorGrad): the flow runs from N(prior, I) instead of N(0, I), i.e. on the residual mel - prior,
+    # so the velocity network learns detail and denoising around the prior rather than the whole mel. Done as a
+    # change of variables inside the network: the caller's state z_t is the standard path (from N(0, I)), the
+    # network sees x_t = z_t + (1 - (1 - sigma_min) t) prior and returns dz/dt = dx/dt + (1 - sigma_min) prior, so
+    # `fm_loss`, `sample` and every other caller keep the standard path. The prior is stop-gradiented here: its own
+    # MSE term trains it.
+    start = 0.0
+    if bool(self.config.fm.prior_start):
+      keep_frac = 1.0 - float(self.config.fm.sigma_min)
+      start = jax.lax.stop_gradient(prior)
+      x_t = x_t + (1.0 - keep_frac * t)[:, None, None] * start
+      start = keep_frac * start
+
     frames = jnp.concatenate([x_t, prompt_mel], axis=-1).astype(dt)
     h = layers.dense(d, (_FEATURE, "embed"), dt, "mel_in", use_bias=True)(frames) + code_feat
 
@@ -129,7 +144,7 @@ class FlowMatchingDecoder(nn.Module):
                                           kernel_init=nn.initializers.zeros)(nn.silu(cond))[:, None, :], 2, -1)
     y = y * (1 + scale) + shift
     v = layers.dense(m, ("embed", _FEATURE), dt, "mel_out", use_bias=True, kernel_init=nn.initializers.zeros)(y)
-    return v.astype(jnp.float32) * mel_mask[..., None], prior
+    return (v.astype(jnp.float32) + start) * mel_mask[..., None], prior
 
 
 def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes: Array, code_mask: Array,
@@ -141,7 +156,7 @@ def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes
     rng: key for t, x0, prompt lengths and CFG drops.
     mel: [B, F, M] real log-mel targets; mel_mask: [B, F] bool.
     codes: [B, Ts, D]; code_mask: [B, Ts] bool; spk: [B, E].
-    fm_cfg: config.fm (sigma_min, prompt_prob, prompt_max_frac, cfg_drop, prior_weight).
+    fm_cfg: config.fm (sigma_min, t_schedule, prompt_prob, prompt_max_frac, cfg_drop, prior_weight).
   Returns:
     (loss, metrics): loss = flow + prior_weight * prior, where flow is the mean squared velocity error over valid,
     non-prompt frames and all mel bins, and prior the mean squared error of the prior mel (normalised space) over
@@ -153,7 +168,7 @@ def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes
   sigma = fm_cfg.sigma_min
   k_t, k_x0, k_use, k_len, k_drop = jax.random.split(rng, 5)
   x1 = normalize_mel(mel.astype(jnp.float32)) * mel_mask[..., None]
-  t = jax.random.uniform(k_t, (b,))
+  t = training_times(k_t, b, fm_cfg.t_schedule)
   x0 = jax.random.normal(k_x0, x1.shape)
   tb = t[:, None, None]
   x_t = (1 - (1 - sigma) * tb) * x0 + tb * x1
@@ -183,6 +198,24 @@ def fm_loss(apply_fn: VelocityFn, rng: Array, mel: Array, mel_mask: Array, codes
       "fm_cfg_drop_frac": 1.0 - jnp.mean(keep.astype(jnp.float32)),
   }
   return loss, metrics
+
+
+T_SCHEDULES = ("uniform", "cosine")
+
+
+def training_times(rng: Array, n: int, schedule: str) -> Array:
+  """[n] flow times for training: 'uniform' U(0, 1), or 'cosine' 1 - cos(u pi / 2) with u ~ U(0, 1).
+
+  The cosine warp (CosyVoice's t_scheduler) spends more of training near the noise end (density
+  2 / (pi sqrt(1 - (1 - t)^2))), where the sampler's cosine grid (`cosine_time_grid`) takes its small steps and
+  the velocity is hardest to predict.
+  """
+  u = jax.random.uniform(rng, (n,))
+  if schedule == "uniform":
+    return u
+  if schedule == "cosine":
+    return 1.0 - jnp.cos(u * (jnp.pi / 2))
+  raise ValueError(f"fm.t_schedule={schedule!r}: choose one of {', '.join(T_SCHEDULES)}")
 
 
 def cosine_time_grid(steps: int) -> Array:
