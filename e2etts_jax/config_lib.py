@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
       "token_rate": 25.0,
       "fsq_levels": (8, 5, 5, 5),  # 1000 codes: the small corpus cannot fill 3^8
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
+      "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
 
   c.llm = ml_collections.ConfigDict({
@@ -130,6 +131,7 @@ def base_config() -> ml_collections.ConfigDict:
       "encoder_layers": 2,        # transformer layers over the tokens before the frame-rate DiT (CosyVoice's encoder)
       "prior_weight": 1.0,        # weight of the prior-mel MSE inside the FM loss (flow_matching.fm_loss)
       "prior_start": False,       # flow from N(prior, I) instead of N(0, I) (PriorGrad; FlowMatchingDecoder)
+      "conv_kernel": 0,           # taps of each block's depthwise convolution over frames/tokens (0 = none)
   })
 
   c.rm = ml_collections.ConfigDict({
@@ -142,6 +144,7 @@ def base_config() -> ml_collections.ConfigDict:
       "spk_weight": 0.1,
       "aux_weight": 0.1,
       "ctc_upsample": 2,          # CTC frames per token: 25 Hz alone is too tight for fast speech + repeats
+      "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none)
   })
 
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
@@ -309,6 +312,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
       raise ConfigError(f"{net}.num_heads={n.num_heads} is not divisible by {net}.num_kv_heads={n.num_kv_heads}")
     if (n.d_model // n.num_heads) % 2:
       raise ConfigError(f"{net}: head dim d_model/num_heads = {n.d_model // n.num_heads} must be even for RoPE")
+    if "conv_kernel" in n and (n.conv_kernel < 0 or (n.conv_kernel and n.conv_kernel % 2 == 0)):
+      raise ConfigError(f"{net}.conv_kernel={n.conv_kernel}: must be 0 (none) or an odd number of taps "
+                        f"(a centred window)")
   if c.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
   if c.model.remat not in REMAT_POLICIES:

@@ -14,6 +14,7 @@ there is a failure to fit (capacity, budget, what the tokens keep), not to gener
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Sequence
@@ -80,7 +81,7 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   c = synth.config
   meta = {"envelope_coeffs": int(envelope_coeffs), "items": len(items), "seed": int(seed),
           "workdir": getattr(synth, "workdir", None), "config": c.name, "step": synth.meta.get("global_step"),
-          "fm": fm_recipe(c), "token_rate": float(c.tokenizer.token_rate),
+          "recipe": recipe(c), "token_rate": float(c.tokenizer.token_rate),
           "inference": synthesis.inference_settings(c),
           **(meta or {})}
   os.makedirs(out_dir, exist_ok=True)
@@ -91,15 +92,18 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   return rows
 
 
-# FM training keys whose non-default values `fm_recipe` names (the FM studies of docs/diagnosis.md vary these).
-FM_RECIPE_KEYS = ("encoder_layers", "t_schedule", "prior_start", "prior_weight")
+# Keys whose non-default values `recipe` names (the studies of docs/diagnosis.md vary these); the FM's own
+# are named without their 'fm.' prefix.
+RECIPE_KEYS = ("fm.encoder_layers", "fm.t_schedule", "fm.prior_start", "fm.prior_weight", "fm.conv_kernel",
+               "tokenizer.conv_kernel", "rm.conv_kernel", "train.stage1.learning_rate")
 
 
-def fm_recipe(c) -> str:
-  """The FM's size and its non-default training keys, e.g. 'd192 x 4 layers, t_schedule=cosine'."""
-  default = config_lib.base_config().fm
+def recipe(c) -> str:
+  """The FM's size and the non-default RECIPE_KEYS, e.g. 'd192 x 4 layers, t_schedule=cosine, rm.conv_kernel=7'."""
+  default = config_lib.base_config()
+  get = lambda node, key: functools.reduce(lambda n, k: n[k], key.split("."), node)
   return ", ".join([f"d{c.fm.d_model} x {c.fm.num_layers} layers"]
-                   + [f"{k}={c.fm[k]}" for k in FM_RECIPE_KEYS if c.fm[k] != default[k]])
+                   + [f"{k.removeprefix('fm.')}={get(c, k)}" for k in RECIPE_KEYS if get(c, k) != get(default, k)])
 
 
 def markdown(rows: dict, meta: dict) -> str:
@@ -131,7 +135,7 @@ def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> 
   cell = lambda r: "-" if r is None or r.get("wer") is None else (
       f"{r['wer']:.1f}" + ("" if r.get("wer_over_ceiling") is None else f" ({r['wer_over_ceiling']:.2f})"))
   mse = lambda r: "-" if r is None or r.get("mel_mse") is None else f"{r['mel_mse']:.3f}"
-  header = ("| study | config, FM | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
+  header = ("| study | config, recipe | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
             + " | mel MSE prior / resynthesis |")
   columns = 5 + len(VARIANTS)
   if baseline is not None:
@@ -142,7 +146,8 @@ def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> 
     with open(os.path.join(root, name, "diagnosis.json")) as f:
       d = json.load(f)
     m, rows = d["meta"], d["variants"]
-    line = (f"| {name} | {m.get('config', '-')}, {m.get('fm', '-')} | {m.get('step', '-')} | "
+    # Diagnoses written before 'recipe' named the FM's keys only, under 'fm'.
+    line = (f"| {name} | {m.get('config', '-')}, {m.get('recipe', m.get('fm', '-'))} | {m.get('step', '-')} | "
             f"{m.get('split', '-')}, {m['items']} | " + " | ".join(cell(rows.get(v)) for v in VARIANTS)
             + f" | {mse(rows.get('prior'))} / {mse(rows.get('resynthesis'))} |")
     if baseline is not None:

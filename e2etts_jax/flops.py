@@ -1,7 +1,7 @@
 """Analytic FLOP counts of the networks and of each stage's joint step (for MFU = FLOPs / time / peak).
 
-Counts matrix multiplies only (2 FLOPs per multiply-add): projections, MLPs, AdaLN, attention scores and
-mixing, and the output heads. A network that trains costs 3x its forward (forward + grads w.r.t. inputs and
+Counts matrix multiplies (2 FLOPs per multiply-add): projections, MLPs, AdaLN, attention scores and mixing, and
+the output heads; and the MLPs' depthwise convolutions where configured (a multiply-add per tap and channel). A network that trains costs 3x its forward (forward + grads w.r.t. inputs and
 weights); a frozen network that gradients pass through costs 2x; a forward-only one 1x.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from e2etts_jax.system import DataInfo
 def transformer_flops(net_cfg, batch: int, length: int, adaln: bool = False, causal: bool = False) -> float:
   d, h, kv, mlp = net_cfg.d_model, net_cfg.num_heads, net_cfg.num_kv_heads, net_cfg.mlp_dim
   hd = d // h
-  per_token = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * mlp
+  per_token = d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * mlp + net_cfg.get("conv_kernel", 0) * mlp
   attn = 2 * length * length * h * hd * (0.5 if causal else 1.0)   # QK^T and AV per sequence
   per_seq = 6 * d * d if adaln else 0   # AdaLN modulation: one [d] condition per sequence, not per token
   return float(net_cfg.num_layers * batch * (2 * per_token * length + 2 * attn + 2 * per_seq))

@@ -30,6 +30,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("norm", None),
+    ("conv", None),
     ("feature", None),      # small feature dims (mel bins, code dims, speaker embedding): not worth splitting
     ("classes", None),      # CTC/speaker/aux classes: odd sizes, kept whole
     ("act_embed", None),

@@ -60,12 +60,15 @@ def test_diagnose_scores_every_variant_against_the_ceiling(synth, workdir, tmp_p
     diagnosis.diagnose(synth, items, str(tmp_path / "x"), asr=None, variants=["ceiling"])
 
 
-def test_fm_recipe_names_size_and_non_default_training(tiny_config):
+def test_recipe_names_size_and_non_default_training(tiny_config):
   c = tiny_config
-  assert diagnosis.fm_recipe(c) == f"d{c.fm.d_model} x {c.fm.num_layers} layers"
+  assert diagnosis.recipe(c) == f"d{c.fm.d_model} x {c.fm.num_layers} layers"
   c.fm.update(t_schedule="cosine", prior_start=True, encoder_layers=c.fm.encoder_layers + 1)
-  assert diagnosis.fm_recipe(c) == (f"d{c.fm.d_model} x {c.fm.num_layers} layers, "
-                                    f"encoder_layers={c.fm.encoder_layers}, t_schedule=cosine, prior_start=True")
+  c.rm.conv_kernel = 7
+  c.train.stage1.learning_rate = 2e-3
+  assert diagnosis.recipe(c) == (f"d{c.fm.d_model} x {c.fm.num_layers} layers, "
+                                 f"encoder_layers={c.fm.encoder_layers}, t_schedule=cosine, prior_start=True, "
+                                 f"rm.conv_kernel=7, train.stage1.learning_rate=0.002")
 
 
 def _fake_study(root, name, utt_wers):

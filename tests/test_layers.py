@@ -1,5 +1,5 @@
 """Shared layers: KV cache parity, causality, padding masks, AdaLN-Zero identity, remat/dtype/unroll policies,
-the attention core against jax.nn.dot_product_attention."""
+the attention core against jax.nn.dot_product_attention, the MLP's depthwise convolution."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -154,3 +154,44 @@ def test_attention_mask_and_helpers():
   np.testing.assert_array_equal(m[0, 0], [[1, 0, 0], [1, 1, 0], [0, 0, 0]])
   np.testing.assert_array_equal(L.length_mask(jnp.array([0, 2]), 3), [[0, 0, 0], [1, 1, 0]])
   assert float(L.masked_mean(jnp.array([1.0, 3.0, 100.0]), jnp.array([True, True, False]))) == 2.0
+
+
+def test_depthwise_conv_matches_numpy_convolution_with_zeroed_padding():
+  x = jax.random.normal(jax.random.key(0), (2, 7, 3))
+  kernel = jax.random.normal(jax.random.key(1), (5, 3))
+  valid = jnp.array([[True] * 7, [True] * 4 + [False] * 3])
+  y = np.asarray(L.depthwise_conv(x, kernel, valid))
+  xv = np.where(np.asarray(valid)[..., None], np.asarray(x), 0.0)
+  for b in range(2):
+    for ch in range(3):
+      # 'same' correlation: y[t] = sum_j k[j] x[t + j - 2]; np.convolve flips the kernel, so flip it back.
+      ref = np.convolve(xv[b, :, ch], np.asarray(kernel)[::-1, ch], mode="same")
+      np.testing.assert_allclose(y[b, :, ch], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_conv_block_starts_as_the_block_without_and_learns_locality():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+  valid = jnp.arange(9)[None] < jnp.array([[9], [6]])
+  plain, v_plain = _init(_cfg(), x, valid)
+  conv, v_conv = _init(_cfg(conv_kernel=3), x, valid)
+  # Same parameters plus identity taps: the same function.
+  taps = v_conv["params"]["layers"]["mlp"]["conv"]
+  assert taps.shape == (2, 3, 64)
+  np.testing.assert_array_equal(taps[:, 1], 1.0)
+  grafted = jax.tree.map(lambda a: a, v_plain)
+  grafted["params"]["layers"]["mlp"]["conv"] = taps
+  # (Compared on valid positions: padded ones are meaningless in both, and the convolution zeroes them.)
+  np.testing.assert_allclose(conv.apply(grafted, x, valid)[0][valid], plain.apply(v_plain, x, valid)[0][valid],
+                             atol=1e-6)
+  # Off-centre taps mix neighbours, and the mixing still never reads padding.
+  grafted["params"]["layers"]["mlp"]["conv"] = taps.at[:, 0].set(0.5)
+  y, _ = conv.apply(grafted, x, valid)
+  assert not np.allclose(y[valid], plain.apply(v_plain, x, valid)[0][valid], atol=1e-3)
+  y_pad, _ = conv.apply(grafted, x.at[1, 6:].set(100.0), valid)
+  np.testing.assert_allclose(y_pad[1, :6], y[1, :6], atol=1e-5)
+
+
+def test_conv_kernel_is_refused_for_causal_stacks():
+  x = jnp.zeros((1, 4, 32))
+  with pytest.raises(ValueError, match="conv_kernel is for bidirectional"):
+    L.Transformer(_cfg(conv_kernel=3, causal=True)).init(jax.random.key(0), x, jnp.ones((1, 4), bool))

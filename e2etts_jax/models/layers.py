@@ -4,6 +4,7 @@ Parameters carry logical axis names; `e2etts_jax.sharding` maps them to mesh axe
   embed    model width            mlp      feed-forward width
   heads    query heads            kv_heads key/value heads         kv   per-head dim
   vocab    token tables           layers   the scanned layer axis   norm  norm scales
+  conv     convolution taps
 Activations are constrained with ('batch', 'length', 'act_embed' | 'act_heads' | 'act_mlp').
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ class TransformerConfig:
   mlp_dim: int
   causal: bool = False
   adaln: bool = False               # DiT-style AdaLN-Zero conditioning on a vector per sequence
+  conv_kernel: int = 0              # taps of the MLP's depthwise convolution over the sequence (0 = none; odd)
   rope_base: float = 10000.0
   dtype: DType = jnp.float32        # compute dtype; params are float32
   remat: str = "none"
@@ -51,7 +53,7 @@ class TransformerConfig:
     return cls(d_model=net_cfg.d_model, num_layers=net_cfg.num_layers, num_heads=net_cfg.num_heads,
                num_kv_heads=net_cfg.num_kv_heads, mlp_dim=net_cfg.mlp_dim, rope_base=model_cfg.rope_base,
                dtype=dtype_of(model_cfg.dtype), remat=model_cfg.remat,
-               scan_unroll=model_cfg.scan_unroll, **kw)
+               scan_unroll=model_cfg.scan_unroll, conv_kernel=int(net_cfg.get("conv_kernel", 0)), **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -211,14 +213,49 @@ class Attention(nn.Module):
     return out, cache
 
 
+def depthwise_conv(x: Array, kernel: Array, valid: Array) -> Array:
+  """Per-channel convolution over the sequence, 'same' length, zero outside the valid positions.
+
+  x: [batch, length, channels]; kernel: [taps, channels] (odd taps, centred: tap k // 2 is the position itself);
+  valid: [batch, length] bool. Invalid positions are zeroed first, so padding never leaks into a valid output,
+  and a valid output at an utterance's edge sees zeros beyond it, whatever the padding holds. Written as a sum
+  of shifted products: XLA fuses it into one elementwise loop, where a grouped conv runs a slow generic kernel
+  on CPU.
+  """
+  taps, t = kernel.shape[0], x.shape[1]
+  half = taps // 2
+  xp = jnp.pad(jnp.where(valid[..., None], x, 0).astype(x.dtype), ((0, 0), (half, half), (0, 0)))
+  kernel = kernel.astype(x.dtype)
+  return sum(xp[:, j:j + t] * kernel[j] for j in range(taps))
+
+
+def identity_taps(taps: int):
+  """Initialiser of a [taps, channels] depthwise kernel that passes each channel through unchanged (1 at the
+  centre tap), so a block with a convolution starts as the same function as one without."""
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    return jnp.zeros(shape, dtype).at[taps // 2].set(1.0)
+  return init
+
+
 class MLP(nn.Module):
-  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
+
+  With cfg.conv_kernel > 0 the gate is a depthwise convolution over the sequence of its projection (FastSpeech's
+  and the Conformer's local mixing, at the cost of one multiply-add per tap): each position's gate sees its
+  neighbours, the local structure that spectra and phones have and that attention alone learns slowly from
+  little data. `valid` [batch, length] bool is needed only then.
+  """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, valid: Optional[Array] = None) -> Array:
     c = self.cfg
     gate = dense(c.mlp_dim, ("embed", "mlp"), c.dtype, "gate")(x)
+    if c.conv_kernel:
+      taps = self.param("conv", nn.with_logical_partitioning(identity_taps(c.conv_kernel), ("conv", "mlp")),
+                        (c.conv_kernel, c.mlp_dim))
+      gate = depthwise_conv(gate, taps, valid)
     up = dense(c.mlp_dim, ("embed", "mlp"), c.dtype, "up")(x)
     h = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "act_mlp"))
     return dense(x.shape[-1], ("mlp", "embed"), c.dtype, "down")(h)
@@ -228,12 +265,12 @@ class Block(nn.Module):
   """THE transformer block: pre-norm attention + SwiGLU, optionally AdaLN-Zero modulated by `cond`.
 
   Written in scan form: (x, layer_cache) -> (x, new_layer_cache); the other inputs are broadcast to all layers.
-  x: [batch, length, d_model]; cond: [batch, d_model] (only with cfg.adaln).
+  x: [batch, length, d_model]; valid: [batch, length] bool; cond: [batch, d_model] (only with cfg.adaln).
   """
   cfg: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, cache: Optional[dict], mask: Array, positions: Array,
+  def __call__(self, x: Array, cache: Optional[dict], mask: Array, valid: Array, positions: Array,
                cond: Optional[Array], cache_index: Optional[Array]):
     c = self.cfg
     if c.adaln:
@@ -250,7 +287,7 @@ class Block(nn.Module):
     h, cache = Attention(c, name="attn")(norm("attn_norm", x, shift1, scale1), mask, positions, cache,
                                          cache_index)
     x = x + gate1 * h
-    x = x + gate2 * MLP(c, name="mlp")(norm("mlp_norm", x, shift2, scale2))
+    x = x + gate2 * MLP(c, name="mlp")(norm("mlp_norm", x, shift2, scale2), valid)
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, cache
 
@@ -284,6 +321,9 @@ class Transformer(nn.Module):
                kv_valid: Optional[Array] = None) -> tuple[Array, Optional[dict]]:
     c = self.cfg
     b, t = valid.shape
+    if c.conv_kernel and (c.causal or cache is not None):
+      # A convolution would need its own decoding state beside the KV cache; only bidirectional stacks have one.
+      raise ValueError("conv_kernel is for bidirectional transformers (tokenizer, FM, RM), not causal/cached ones")
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t), (b, t))
     if cache is None:
@@ -296,10 +336,10 @@ class Transformer(nn.Module):
     if c.remat != "none":
       block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
     stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
                     length=c.num_layers, unroll=c.scan_unroll or c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     x = nn.with_logical_constraint(x.astype(c.dtype), ("batch", "length", "act_embed"))
-    x, cache = stack(c, name="layers")(x, cache, mask, positions, cond, cache_index)
+    x, cache = stack(c, name="layers")(x, cache, mask, valid, positions, cond, cache_index)
     return RMSNorm(name="final_norm")(x), cache
 
 
