@@ -135,8 +135,8 @@ def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> 
   cell = lambda r: "-" if r is None or r.get("wer") is None else (
       f"{r['wer']:.1f}" + ("" if r.get("wer_over_ceiling") is None else f" ({r['wer_over_ceiling']:.2f})"))
   mse = lambda r: "-" if r is None or r.get("mel_mse") is None else f"{r['mel_mse']:.3f}"
-  header = ("| study | config, recipe | step | split, sentences | " + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS)
-            + " | mel MSE prior / resynthesis |")
+  header = ("| study | config, recipe | step | split, sentences | "
+            + " | ".join(f"{v} WER (/ ceiling)" for v in VARIANTS) + " | mel MSE prior / resynthesis |")
   columns = 5 + len(VARIANTS)
   if baseline is not None:
     header += f" resynthesis WER - {baseline}'s [95% CI], p (sentences) |"

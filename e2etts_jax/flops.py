@@ -1,8 +1,9 @@
 """Analytic FLOP counts of the networks and of each stage's joint step (for MFU = FLOPs / time / peak).
 
 Counts matrix multiplies (2 FLOPs per multiply-add): projections, MLPs, AdaLN, attention scores and mixing, and
-the output heads; and the MLPs' depthwise convolutions where configured (a multiply-add per tap and channel). A network that trains costs 3x its forward (forward + grads w.r.t. inputs and
-weights); a frozen network that gradients pass through costs 2x; a forward-only one 1x.
+the output heads; and the MLPs' depthwise convolutions where configured (a multiply-add per tap and channel). A
+network that trains costs 3x its forward (forward + grads w.r.t. inputs and weights); a frozen network that
+gradients pass through costs 2x; a forward-only one 1x.
 """
 from __future__ import annotations
 

@@ -219,8 +219,7 @@ def depthwise_conv(x: Array, kernel: Array, valid: Array) -> Array:
   x: [batch, length, channels]; kernel: [taps, channels] (odd taps, centred: tap k // 2 is the position itself);
   valid: [batch, length] bool. Invalid positions are zeroed first, so padding never leaks into a valid output,
   and a valid output at an utterance's edge sees zeros beyond it, whatever the padding holds. Written as a sum
-  of shifted products: XLA fuses it into one elementwise loop, where a grouped conv runs a slow generic kernel
-  on CPU.
+  of `taps` shifted products, which XLA fuses into elementwise loops.
   """
   taps, t = kernel.shape[0], x.shape[1]
   half = taps // 2
@@ -242,9 +241,9 @@ class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x)).
 
   With cfg.conv_kernel > 0 the gate is a depthwise convolution over the sequence of its projection (FastSpeech's
-  and the Conformer's local mixing, at the cost of one multiply-add per tap): each position's gate sees its
-  neighbours, the local structure that spectra and phones have and that attention alone learns slowly from
-  little data. `valid` [batch, length] bool is needed only then.
+  and the Conformer's local mixing, at one multiply-add per tap and channel): each position's gate sees its
+  neighbours, the local structure of spectra and phones, without attention having to learn it (what it buys at
+  the `mini` budget: docs/diagnosis.md). `valid` [batch, length] bool is needed only then.
   """
   cfg: TransformerConfig
 
