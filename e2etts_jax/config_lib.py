@@ -22,6 +22,7 @@ TOKEN_GRAD_TERMS = ("llm", "rm", "fm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODES = ("e2e", "cascaded")
+FM_DECODERS = ("flow", "prior")
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
       "ode_steps": 10,
       "guidance": 0.7,
       "temperature": 1.0,         # initial-noise scale of sampling (flow_matching.sample)
+      # What synthesis decodes tokens with: 'flow' (the guided ODE solve) or 'prior' (the prior head's direct
+      # regression of the mel; no noise, no prompt mel). An inference setting (synthesis.INFERENCE_KEYS).
+      "decoder": "flow",
       "encoder_layers": 2,        # transformer layers over the tokens before the frame-rate DiT (CosyVoice's encoder)
       "prior_weight": 1.0,        # weight of the prior-mel MSE inside the FM loss (flow_matching.fm_loss)
       "prior_start": False,       # flow from N(prior, I) instead of N(0, I) (PriorGrad; FlowMatchingDecoder)
@@ -323,6 +327,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"model.scan_unroll={c.model.scan_unroll}: must be >= 0 (0 = all layers)")
   if c.fm.t_schedule not in flow_matching.T_SCHEDULES:
     raise ConfigError(f"fm.t_schedule={c.fm.t_schedule!r}: choose one of {flow_matching.T_SCHEDULES}")
+  if c.fm.decoder not in FM_DECODERS:
+    raise ConfigError(f"fm.decoder={c.fm.decoder!r}: choose one of {FM_DECODERS}")
   if c.text.ctc_units not in ("char", "sentencepiece"):
     raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
   d = c.data

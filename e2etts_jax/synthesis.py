@@ -58,7 +58,8 @@ PromptAudio = Union[str, "os.PathLike[str]", tuple]   # a path, or (wav [samples
 
 # The config values a trained system may be synthesised with other than those it was trained with: how the LLM
 # samples and how the FM's ODE is solved. Anything else would no longer describe the trained parameters.
-INFERENCE_KEYS = (*(f"llm.{k}" for k in generation.SAMPLING_KEYS), "fm.ode_steps", "fm.guidance", "fm.temperature")
+INFERENCE_KEYS = (*(f"llm.{k}" for k in generation.SAMPLING_KEYS), "fm.ode_steps", "fm.guidance", "fm.temperature",
+                  "fm.decoder")
 
 
 class SynthesisError(ValueError):
@@ -178,6 +179,7 @@ def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[
   config = ml_collections.ConfigDict(system.config.to_dict())
   try:
     config_lib.apply_overrides(config, settings)   # parses 'key=value' strings like the command line
+    config_lib.validate(config)                    # names a value out of range (fm.decoder=...)
   except config_lib.ConfigError as e:
     raise ValueError(str(e)) from e
   return System(config, system.info)
@@ -380,7 +382,8 @@ class Synthesizer:
   def decode_tokens(self, tokens: np.ndarray, rng: jax.Array, prompt: Optional[_Prompt] = None,
                     spk: Optional[np.ndarray] = None) -> np.ndarray:
     """FM log-mel [n * ds, n_mels] of speech tokens [n], after the prompt's tokens/mel when given (clipped to
-    `mel_range`).
+    `mel_range`). With fm.decoder 'prior' it is the prior head's regression of the prompt's and the new tokens
+    together (the prompt's tokens are context for its token encoder; rng, the prompt mel and spk are unused).
 
     spk: [E] speaker embedding; default: the prompt's, else the RM embedding of `tokens` themselves.
     """
@@ -388,8 +391,6 @@ class Synthesizer:
     if n < 1:
       raise SynthesisError("the LLM produced no speech tokens")
     p_idx = prompt.indices if prompt is not None else np.zeros((0,), np.int32)
-    if spk is None:
-      spk = prompt.spk if prompt is not None else self.speaker_embedding(tokens)
     total = p_idx.shape[0] + n
     width = bucket(total)
     frames = width * self.ds
@@ -403,9 +404,14 @@ class Synthesizer:
       prompt_mel[0, :prompt_frames] = prompt.mel
     prompt_mask = np.arange(frames)[None] < prompt_frames
     mel_mask = np.arange(frames)[None] < total * self.ds
-    mel = self._decode(self.params["fm"], rng, jnp.asarray(indices), jnp.asarray(code_mask),
-                       jnp.asarray(prompt_mel), jnp.asarray(prompt_mask), jnp.asarray(spk[None], jnp.float32),
-                       jnp.asarray(mel_mask))
+    if self.config.fm.decoder == "prior":
+      mel = self._prior(self.params["fm"], jnp.asarray(indices), jnp.asarray(code_mask), jnp.asarray(mel_mask))
+    else:
+      if spk is None:
+        spk = prompt.spk if prompt is not None else self.speaker_embedding(tokens)
+      mel = self._decode(self.params["fm"], rng, jnp.asarray(indices), jnp.asarray(code_mask),
+                         jnp.asarray(prompt_mel), jnp.asarray(prompt_mask), jnp.asarray(spk[None], jnp.float32),
+                         jnp.asarray(mel_mask))
     lo, hi = self.mel_range
     return np.clip(np.asarray(mel[0, prompt_frames:total * self.ds], np.float32), lo, hi)
 

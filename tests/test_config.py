@@ -88,6 +88,7 @@ RULES = [
     ("scan unroll", lambda c: setattr(c.model, "scan_unroll", -1), "model.scan_unroll"),
     ("ctc units", lambda c: setattr(c.text, "ctc_units", "phone"), "text.ctc_units"),
     ("fm time schedule", lambda c: setattr(c.fm, "t_schedule", "cos"), "fm.t_schedule"),
+    ("fm decoder", lambda c: setattr(c.fm, "decoder", "vocoder"), "fm.decoder='vocoder'"),
     ("conv taps even", lambda c: setattr(c.fm, "conv_kernel", 4), "fm.conv_kernel=4"),
     ("conv taps negative", lambda c: setattr(c.rm, "conv_kernel", -1), "rm.conv_kernel=-1"),
     ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),

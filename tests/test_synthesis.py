@@ -240,6 +240,23 @@ def test_prior_mel_is_the_fm_prior_head_denormalised(synth, utts):
     synth.prior_mel(np.zeros((0,), np.int32))
 
 
+def test_prior_decoder_vocodes_the_prior_head_of_prompt_and_new_tokens(synth, utts):
+  mel = synth.mel_of(audio.load_audio(utts[0]["audio"], 16000), 16000)
+  tokens = synth.tokenize_mel(mel)
+  prior = synthesis.Synthesizer(synth.system, synth.params, synth.sp, inference=["fm.decoder=prior"])
+  got = prior.decode_tokens(tokens, jax.random.key(0))
+  np.testing.assert_array_equal(got, synth.prior_mel(tokens))
+  np.testing.assert_array_equal(got, prior.decode_tokens(tokens, jax.random.key(1)))   # no noise
+  assert not np.allclose(got, synth.decode_tokens(tokens, jax.random.key(0)))          # not the flow
+  # With a prompt: the prior of prompt + new tokens (the prompt is context), from the first new frame on.
+  prompt = prior._load_prompt(utts[1]["audio"], utts[1]["text"])
+  with_prompt = prior.decode_tokens(tokens, jax.random.key(0), prompt)
+  full = synth.prior_mel(np.concatenate([prompt.indices, tokens]))
+  np.testing.assert_array_equal(with_prompt, full[prompt.indices.shape[0] * synth.ds:])
+  with pytest.raises(ValueError, match="fm.decoder='vocoder'"):
+    synthesis.Synthesizer(synth.system, synth.params, synth.sp, inference=["fm.decoder=vocoder"])
+
+
 def test_inference_settings_change_only_how_the_system_samples(synth, utts, workdir):
   mel = synth.mel_of(audio.load_audio(utts[0]["audio"], 16000), 16000)[: synth.ds * 8]
   key = jax.random.key(3)
