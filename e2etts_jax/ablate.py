@@ -36,7 +36,6 @@ import subprocess
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
-import numpy as np
 
 from e2etts_jax import config_lib
 
@@ -268,7 +267,6 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
   mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget):
   per-variant mean/std over seeds, paired t-test over seeds, and (WER only) a paired bootstrap over utterances
   pooled across those seeds."""
-  from scipy import stats as sstats
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
   value = _metric(system)
@@ -277,21 +275,14 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
   common = sorted(set(ra) & set(rb))
   if not common:
     return None
-  xa = np.array([value(ra[k]) for k in common])
-  xb = np.array([value(rb[k]) for k in common])
   ua, ub = [], []
   for k in common:
     pa, pb = ra[k]["per_utterance_wer"].get(system, {}), rb[k]["per_utterance_wer"].get(system, {})
     for utt in sorted(set(pa) & set(pb)):
       ua.append(100.0 * pa[utt])   # per-utterance WERs are fractions; the table speaks in WER %
       ub.append(100.0 * pb[utt])
-  t_p = float(sstats.ttest_rel(xa, xb).pvalue) if len(common) >= 2 and np.any(xa != xb) else None
-  boot = stats.paired_bootstrap(ua, ub, seed=0) if ua else None
-  return {"a": a, "b": b, "system": system, "n_seeds": len(common), "configs": sorted({k[:2] for k in common}),
-          "mean_a": float(xa.mean()), "std_a": float(xa.std(ddof=1)) if len(xa) > 1 else 0.0,
-          "mean_b": float(xb.mean()), "std_b": float(xb.std(ddof=1)) if len(xb) > 1 else 0.0,
-          "t_test_p": t_p, "n_utterances": len(ua),
-          "utt_diff": boot["diff"] if boot else None, "utt_p": boot["p_value"] if boot else None}
+  c = stats.paired_over_seeds([value(ra[k]) for k in common], [value(rb[k]) for k in common], ua, ub)
+  return {"a": a, "b": b, "system": system, "configs": sorted({k[:2] for k in common}), **c}
 
 
 def _verdict(c: Mapping) -> str:

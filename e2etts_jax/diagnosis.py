@@ -80,6 +80,7 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
                      "scored": res["summary"]["counts"]["scored"]}
   c = synth.config
   meta = {"envelope_coeffs": int(envelope_coeffs), "items": len(items), "seed": int(seed),
+          "train_seed": int(c.seed),
           "workdir": getattr(synth, "workdir", None), "config": c.name, "step": synth.meta.get("global_step"),
           "recipe": recipe(c), "token_rate": float(c.tokenizer.token_rate),
           "inference": synthesis.inference_settings(c),
@@ -166,3 +167,107 @@ def _paired_cell(root: str, name: str, baseline: str, n_resamples: int) -> str:
   if w is None:
     return "-"
   return f"{w['diff']:+.1f} [{w['ci_low']:+.1f}, {w['ci_high']:+.1f}], p {w['p_bootstrap']:.3f} ({w['n']})"
+
+
+SEED_VARIANTS = ("prior", "resynthesis")   # the model's variants: what training seeds move
+
+
+def _study(root: str, name: str) -> dict:
+  with open(os.path.join(root, name, "diagnosis.json")) as f:
+    d = json.load(f)
+  seed = d["meta"].get("train_seed")
+  config_json = os.path.join(root, name, "config.json")
+  if seed is None and os.path.isfile(config_json):   # diagnoses written before 'train_seed': the run's config
+    with open(config_json) as f:
+      seed = json.load(f).get("seed")
+  return {**d, "name": name, "train_seed": seed}
+
+
+def _group_key(m: dict) -> tuple:
+  """Studies of one recipe: same config, recipe, step, split and sentence count."""
+  return (m.get("config", "-"), m.get("recipe", m.get("fm", "-")), m.get("step", "-"), m.get("split", "-"),
+          m["items"])
+
+
+def _utterance_wers(root: str, name: str, variant: str) -> dict:
+  path = os.path.join(root, name, variant, "results.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    return {u["utt"]: 100.0 * u["wer"] for u in json.load(f)["utterances"] if u.get("wer") is not None}
+
+
+def _seed_paired(root: str, studies: dict, base: dict, variant: str, n_resamples: int) -> str:
+  """'diff, t-test p; utterances diff [lo, hi] p (seeds)' of two seed groups {seed: study} on `variant`'s WER."""
+  from e2etts_jax.evaluation import stats
+  seeds = sorted(s for s in set(studies) & set(base)
+                 if studies[s]["variants"].get(variant, {}).get("wer") is not None
+                 and base[s]["variants"].get(variant, {}).get("wer") is not None)
+  if len(seeds) < 2 or studies is base:
+    return "-"
+  ua, ub = [], []
+  for s in seeds:
+    a, b = (_utterance_wers(root, g[s]["name"], variant) for g in (studies, base))
+    for utt in sorted(set(a) & set(b)):
+      ua.append(a[utt])
+      ub.append(b[utt])
+  c = stats.paired_over_seeds([studies[s]["variants"][variant]["wer"] for s in seeds],
+                              [base[s]["variants"][variant]["wer"] for s in seeds], ua, ub, n_resamples=n_resamples)
+  t = "-" if c["t_test_p"] is None else f"{c['t_test_p']:.3f}"
+  utt = "" if c["utt_diff"] is None else (f"; sentences {c['utt_diff']:+.1f} [{c['utt_ci_low']:+.1f}, "
+                                          f"{c['utt_ci_high']:+.1f}], p {c['utt_p']:.3f}")
+  return f"{c['mean_a'] - c['mean_b']:+.1f}, t-test p {t}{utt} ({len(seeds)} seeds)"
+
+
+def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 1000) -> str:
+  """A markdown table of the studies under `root` that repeat one recipe (config, recipe, step, split, sentence
+  count) with two or more training seeds: each group's prior and resynthesis WER, mean ± std over seeds.
+
+  With `baseline` (a study folder), each group is also paired with the baseline study's group on the seeds both
+  ran: the difference of the seed means, a paired t-test over seeds, and a paired bootstrap over the sentences of
+  those seeds pooled. '' when no recipe has two seeds. A seed diagnosed twice for one recipe counts once (the
+  first study in name order).
+  """
+  names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
+  groups: dict[tuple, dict] = {}
+  base_key = None
+  for name in names:
+    st = _study(root, name)
+    key = _group_key(st["meta"])
+    if name == baseline:
+      base_key = key
+    if st["train_seed"] is not None:
+      groups.setdefault(key, {}).setdefault(int(st["train_seed"]), st)
+  if baseline is not None and baseline not in names:
+    raise FileNotFoundError(f"baseline study {baseline!r} has no diagnosis.json under {root}")
+  shown = [k for k in sorted(groups, key=str) if len(groups[k]) >= 2]
+  if not shown:
+    return ""
+
+  def spread(group: dict, variant: str) -> str:
+    wer = [st["variants"][variant]["wer"] for st in group.values()
+           if st["variants"].get(variant, {}).get("wer") is not None]
+    ratio = [st["variants"][variant]["wer_over_ceiling"] for st in group.values()
+             if st["variants"].get(variant, {}).get("wer_over_ceiling") is not None]
+    if not wer:
+      return "-"
+    sd = float(np.std(wer, ddof=1)) if len(wer) > 1 else 0.0
+    return f"{np.mean(wer):.1f} ± {sd:.1f}" + (f" ({np.mean(ratio):.2f})" if len(ratio) == len(wer) else "")
+
+  header = ("| config, recipe | step | split, sentences | seeds | "
+            + " | ".join(f"{v} WER mean ± std (/ ceiling)" for v in SEED_VARIANTS) + " |")
+  columns = 4 + len(SEED_VARIANTS)
+  if base_key is not None:
+    header += " " + " | ".join(f"{v} - {baseline}'s seeds" for v in SEED_VARIANTS) + " |"
+    columns += len(SEED_VARIANTS)
+  lines = [header, "|---" * columns + "|"]
+  for key in shown:
+    config, rec, step, split, items = key
+    group = groups[key]
+    line = (f"| {config}, {rec} | {step} | {split}, {items} | {', '.join(str(s) for s in sorted(group))} | "
+            + " | ".join(spread(group, v) for v in SEED_VARIANTS) + " |")
+    if base_key is not None:
+      base = groups.get(base_key, {})
+      line += " " + " | ".join(_seed_paired(root, group, base, v, n_resamples) for v in SEED_VARIANTS) + " |"
+    lines.append(line)
+  return "\n".join(lines) + "\n"

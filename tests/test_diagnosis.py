@@ -47,6 +47,7 @@ def test_diagnose_scores_every_variant_against_the_ceiling(synth, workdir, tmp_p
   saved = json.load(open(out / "diagnosis.json"))
   assert saved["variants"] == rows and saved["meta"]["envelope_coeffs"] == 6 and saved["meta"]["split"] == "test"
   assert saved["meta"]["step"] == synth.meta["global_step"] and saved["meta"]["config"] == "tiny"
+  assert saved["meta"]["train_seed"] == synth.config.seed
   # The collected table: one row for the study; each variant's WER; '-' for the variant not run.
   row = [line for line in diagnosis.collect(str(tmp_path)).splitlines() if line.startswith("| run1 |")]
   cells = [c.strip() for c in row[0].strip("|").split("|")]
@@ -71,16 +72,24 @@ def test_recipe_names_size_and_non_default_training(tiny_config):
                                  f"rm.conv_kernel=7, train.stage1.learning_rate=0.002")
 
 
-def _fake_study(root, name, utt_wers):
-  """A study folder as `diagnose` leaves it: diagnosis.json and resynthesis/results.json ({utt: WER fraction})."""
-  os.makedirs(root / name / "resynthesis")
-  mean = 100 * float(np.mean(list(utt_wers.values())))
-  row = {"wer": mean, "ci_low": mean, "ci_high": mean, "wer_over_ceiling": None, "mel_mse": 1.0,
-         "scored": len(utt_wers)}
-  json.dump({"variants": {"resynthesis": row}, "meta": {"items": len(utt_wers), "config": "tiny"}},
-            open(root / name / "diagnosis.json", "w"))
-  json.dump({"utterances": [{"utt": u, "wer": w} for u, w in utt_wers.items()]},
-            open(root / name / "resynthesis" / "results.json", "w"))
+def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None):
+  """A study folder as `diagnose` leaves it: diagnosis.json and resynthesis/results.json ({utt: WER fraction});
+  `prior` adds that variant the same way; `config_seed` writes the run's config.json instead of meta's seed."""
+  meta = {"items": len(utt_wers), "config": "tiny"}
+  meta.update({} if seed is None else {"train_seed": seed}, **({} if recipe is None else {"recipe": recipe}))
+  variants = {}
+  for variant, wers in (("resynthesis", utt_wers), ("prior", prior)):
+    if wers is None:
+      continue
+    os.makedirs(root / name / variant)
+    mean = 100 * float(np.mean(list(wers.values())))
+    variants[variant] = {"wer": mean, "ci_low": mean, "ci_high": mean, "wer_over_ceiling": mean / 20,
+                         "mel_mse": 1.0, "scored": len(wers)}
+    json.dump({"utterances": [{"utt": u, "wer": w} for u, w in wers.items()]},
+              open(root / name / variant / "results.json", "w"))
+  json.dump({"variants": variants, "meta": meta}, open(root / name / "diagnosis.json", "w"))
+  if config_seed is not None:
+    json.dump({"seed": config_seed}, open(root / name / "config.json", "w"))
 
 
 def test_collect_pairs_each_study_with_the_baseline(tmp_path):
@@ -109,6 +118,52 @@ def test_collect_pairs_each_study_with_the_baseline(tmp_path):
   assert md.read_text() == table
   with pytest.raises(app.UsageError, match="'nope'"):
     cli.main(["e2etts-diagnose", f"--collect={tmp_path}", "--baseline=nope"])
+
+
+def test_collect_seeds_pairs_recipes_over_training_seeds(tmp_path):
+  from scipy import stats as sstats
+  from e2etts_jax.evaluation import stats
+  rng = np.random.default_rng(1)
+  gains = {0: 0.10, 1: 0.25, 2: 0.05}   # how much the new recipe lowers each sentence's WER, per training seed
+  base, new = {}, {}
+  for s, gain in gains.items():
+    base[s] = {f"u{i}": float(w) for i, w in enumerate(rng.uniform(0.4, 1.0, 12))}
+    new[s] = {u: w - gain for u, w in base[s].items()}
+    prior = {u: w / 2 for u, w in base[s].items()}   # the prior: the same for both recipes
+    # Seed 0 of the baseline was diagnosed before 'train_seed' was saved: its seed comes from config.json.
+    _fake_study(tmp_path, f"base-s{s}", base[s], prior=prior, recipe="r0", **(
+        {"config_seed": 0} if s == 0 else {"seed": s}))
+    _fake_study(tmp_path, f"new-s{s}", new[s], prior=prior, recipe="r1", seed=s)
+  _fake_study(tmp_path, "new-s1-again", {"u0": 0.0}, recipe="r1", seed=1)   # a seed twice: the first counts
+  _fake_study(tmp_path, "lone", base[0], recipe="r2", seed=0)              # one seed: not a row
+  table = diagnosis.collect_seeds(str(tmp_path), baseline="base-s1", n_resamples=300)
+  lines = table.splitlines()
+  assert len(lines) == 4 and "resynthesis - base-s1's seeds" in lines[0]
+  rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+  assert set(rows) == {"tiny, r0", "tiny, r1"}
+  mean = lambda group: [100 * np.mean(list(group[s].values())) for s in sorted(group)]
+  r0, r1 = rows["tiny, r0"], rows["tiny, r1"]
+  assert r0[3] == "0, 1, 2" and r1[3] == "0, 1, 2"
+  assert r1[5] == f"{np.mean(mean(new)):.1f} ± {np.std(mean(new), ddof=1):.1f} ({np.mean(mean(new)) / 20:.2f})"
+  # Against the baseline's seeds: the seed means' difference, a t-test over seeds and the pooled sentences.
+  pooled = lambda group: [100 * w for s in sorted(group) for _, w in sorted(group[s].items())]
+  boot = stats.paired_bootstrap(pooled(new), pooled(base), n_resamples=300)
+  p = sstats.ttest_rel(mean(new), mean(base)).pvalue
+  assert r1[7] == (f"{-100 * np.mean(list(gains.values())):+.1f}, t-test p {p:.3f}; sentences {boot['diff']:+.1f} "
+                   f"[{boot['ci_low']:+.1f}, {boot['ci_high']:+.1f}], p {boot['p_value']:.3f} (3 seeds)")
+  assert r1[6] == "+0.0, t-test p -; sentences +0.0 [+0.0, +0.0], p 1.000 (3 seeds)"   # equal priors
+  assert r0[6] == r0[7] == "-"   # the baseline's own group
+  # Without a baseline no paired columns; nothing repeated, nothing to show; the CLI appends the table.
+  assert diagnosis.collect_seeds(str(tmp_path)).splitlines()[0] == lines[0].split(" prior - ")[0]
+  from e2etts_jax.cli import diagnose as cli
+  md = tmp_path / "table.md"
+  assert cli.main(["e2etts-diagnose", f"--collect={tmp_path}", "--baseline=base-s1", "--bootstrap=300",
+                   f"--md={md}"]) == 0
+  assert md.read_text().endswith("\nRecipes run with several training seeds:\n\n" + table)
+  solo = tmp_path / "solo"
+  solo.mkdir()
+  _fake_study(solo, "only", base[0], seed=0)
+  assert diagnosis.collect_seeds(str(solo)) == ""
 
 
 def test_cli_names_a_bad_variant_and_a_missing_workdir(workdir, tmp_path):

@@ -162,6 +162,26 @@ def test_paired_bootstrap_same_system_and_clear_difference():
     stats.paired_bootstrap([1.0, 2.0], [1.0])
 
 
+def test_paired_over_seeds_tests_seeds_then_pooled_sentences():
+  from scipy import stats as sstats
+  a, b = [50.0, 42.0, 47.0], [55.0, 50.0, 49.0]
+  utt_a, utt_b = [0.0, 100.0, 50.0, 20.0], [10.0, 100.0, 70.0, 20.0]
+  c = stats.paired_over_seeds(a, b, utt_a, utt_b, n_resamples=500)
+  assert c["n_seeds"] == 3 and c["n_utterances"] == 4
+  np.testing.assert_allclose([c["mean_a"], c["std_a"], c["mean_b"], c["std_b"]],
+                             [np.mean(a), np.std(a, ddof=1), np.mean(b), np.std(b, ddof=1)])
+  np.testing.assert_allclose(c["t_test_p"], sstats.ttest_rel(a, b).pvalue)
+  boot = stats.paired_bootstrap(utt_a, utt_b, n_resamples=500)
+  assert (c["utt_diff"], c["utt_ci_low"], c["utt_ci_high"], c["utt_p"]) == (
+      boot["diff"], boot["ci_low"], boot["ci_high"], boot["p_value"])
+  # One seed: no t-test and zero spread; no utterances: no bootstrap; identical systems: no t-test either.
+  one = stats.paired_over_seeds([1.0], [2.0])
+  assert one["t_test_p"] is None and one["std_a"] == 0.0 and one["utt_diff"] is None and one["n_utterances"] == 0
+  assert stats.paired_over_seeds(a, a)["t_test_p"] is None
+  with pytest.raises(ValueError, match="same seeds"):
+    stats.paired_over_seeds(a, b[:2])
+
+
 def test_compare_results_with_itself():
   results = {"summary": {}, "utterances": [{"utt": f"u{i}", "wer": w, "sim": s} for i, (w, s) in
                                            enumerate([(0.0, 0.8), (0.25, 0.7), (1.0, 0.5), (0.1, 0.9)])]}

@@ -6,6 +6,7 @@
   ... [--inference fm.temperature=0.5,fm.ode_steps=32]   # sample the FM otherwise than the trained config says
   e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
   e2etts-diagnose --collect D --baseline STUDY   # ... with each study's paired resynthesis WER against STUDY's
+                                                 # (and, for recipes run with several seeds, paired over seeds)
 
 Scores the judge (pocketsphinx) on the ground truth, its spectral envelope, the FM prior of its tokens and their
 resynthesis, for the same sentences; writes OUT/diagnosis.md (the table), OUT/diagnosis.json and each variant's
@@ -39,8 +40,8 @@ flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAG
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
 flag_parsing.define_inference_flag(FLAGS)
-flags.DEFINE_string("collect", None, "Instead of diagnosing: render every DIR/*/diagnosis.json as one table "
-                    "(into --md, else stdout).", flag_values=FLAGS)
+flags.DEFINE_string("collect", None, "Instead of diagnosing: render every DIR/*/diagnosis.json as one table, "
+                    "then the recipes run with several training seeds (into --md, else stdout).", flag_values=FLAGS)
 flags.DEFINE_string("md", None, "With --collect: the markdown file to write the table into.", flag_values=FLAGS)
 flags.DEFINE_string("baseline", None, "With --collect: a study folder under DIR; adds each study's paired resynthesis "
                     "WER difference to it (bootstrap CI and p on the sentences both scored).", flag_values=FLAGS)
@@ -50,6 +51,9 @@ def _collect_from_flags() -> int:
   from e2etts_jax import diagnosis
   try:
     table = diagnosis.collect(FLAGS.collect, baseline=FLAGS.baseline, n_resamples=FLAGS.bootstrap)
+    seeds = diagnosis.collect_seeds(FLAGS.collect, baseline=FLAGS.baseline, n_resamples=FLAGS.bootstrap)
+    if seeds:
+      table += "\nRecipes run with several training seeds:\n\n" + seeds
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from e
   if FLAGS.md:

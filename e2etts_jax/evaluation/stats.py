@@ -93,3 +93,32 @@ def sign_test(a: Sequence[float], b: Sequence[float]) -> dict:
   pos, neg = int(np.sum(xa > xb)), int(np.sum(xa < xb))
   return {"n_a_higher": pos, "n_b_higher": neg, "n_ties": int(xa.size - pos - neg),
           "p_value": binomial_two_sided_p(pos, pos + neg)}
+
+
+def paired_over_seeds(seed_a: Sequence[float], seed_b: Sequence[float], utt_a: Sequence[float] = (),
+                      utt_b: Sequence[float] = (), *, n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> dict:
+  """Two systems trained with the same seeds: a paired t-test over the seeds' figures, and a paired bootstrap
+  over the utterances of all those seeds pooled (what varies: the training run, then the sentence).
+
+  Args:
+    seed_a, seed_b: one figure per training seed (e.g. mean WER %), in the same seed order.
+    utt_a, utt_b: per-utterance figures of every paired seed, pooled in the same order (may be empty).
+
+  Returns:
+    dict(n_seeds, mean_a, std_a, mean_b, std_b, t_test_p, n_utterances, utt_diff, utt_ci_low, utt_ci_high,
+    utt_p): std is over seeds (ddof 1; 0 for one seed); t_test_p is None below two seeds or when a and b agree
+    on every seed; the utt_* are None without utterances.
+  """
+  from scipy import stats as sstats   # only for the t distribution; scipy comes with librosa
+  xa, xb = _as_array(seed_a, "seed_a"), _as_array(seed_b, "seed_b")
+  if xa.shape != xb.shape:
+    raise ValueError(f"paired test needs the same seeds, got {xa.size} and {xb.size} figures")
+  std = lambda x: float(x.std(ddof=1)) if x.size > 1 else 0.0
+  t_p = float(sstats.ttest_rel(xa, xb).pvalue) if xa.size >= 2 and np.any(xa != xb) else None
+  boot = paired_bootstrap(utt_a, utt_b, n_resamples=n_resamples, seed=seed) if len(utt_a) else None
+  return {"n_seeds": int(xa.size), "mean_a": float(xa.mean()), "std_a": std(xa), "mean_b": float(xb.mean()),
+          "std_b": std(xb), "t_test_p": t_p, "n_utterances": 0 if boot is None else boot["n"],
+          "utt_diff": None if boot is None else boot["diff"],
+          "utt_ci_low": None if boot is None else boot["ci_low"],
+          "utt_ci_high": None if boot is None else boot["ci_high"],
+          "utt_p": None if boot is None else boot["p_value"]}
