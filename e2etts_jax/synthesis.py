@@ -391,27 +391,23 @@ class Synthesizer:
     if n < 1:
       raise SynthesisError("the LLM produced no speech tokens")
     p_idx = prompt.indices if prompt is not None else np.zeros((0,), np.int32)
+    if self.config.fm.decoder == "prior":
+      return self.prior_mel(np.concatenate([p_idx, tokens]))[p_idx.shape[0] * self.ds:]
     total = p_idx.shape[0] + n
-    width = bucket(total)
-    frames = width * self.ds
+    indices, code_mask = _bucketed(np.concatenate([p_idx, tokens]), "the LLM produced no speech tokens")
+    frames = indices.shape[1] * self.ds
     m = int(self.config.audio.n_mels)
-    indices = np.zeros((1, width), np.int32)
-    indices[0, :total] = np.concatenate([p_idx, tokens])
-    code_mask = np.arange(width)[None] < total
     prompt_frames = p_idx.shape[0] * self.ds
     prompt_mel = np.zeros((1, frames, m), np.float32)
     if prompt is not None:
       prompt_mel[0, :prompt_frames] = prompt.mel
     prompt_mask = np.arange(frames)[None] < prompt_frames
     mel_mask = np.arange(frames)[None] < total * self.ds
-    if self.config.fm.decoder == "prior":
-      mel = self._prior(self.params["fm"], jnp.asarray(indices), jnp.asarray(code_mask), jnp.asarray(mel_mask))
-    else:
-      if spk is None:
-        spk = prompt.spk if prompt is not None else self.speaker_embedding(tokens)
-      mel = self._decode(self.params["fm"], rng, jnp.asarray(indices), jnp.asarray(code_mask),
-                         jnp.asarray(prompt_mel), jnp.asarray(prompt_mask), jnp.asarray(spk[None], jnp.float32),
-                         jnp.asarray(mel_mask))
+    if spk is None:
+      spk = prompt.spk if prompt is not None else self.speaker_embedding(tokens)
+    mel = self._decode(self.params["fm"], rng, jnp.asarray(indices), jnp.asarray(code_mask),
+                       jnp.asarray(prompt_mel), jnp.asarray(prompt_mask), jnp.asarray(spk[None], jnp.float32),
+                       jnp.asarray(mel_mask))
     lo, hi = self.mel_range
     return np.clip(np.asarray(mel[0, prompt_frames:total * self.ds], np.float32), lo, hi)
 
