@@ -128,11 +128,9 @@ def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> 
   baseline's on the sentences both scored: the mean paired difference in points, its bootstrap 95% interval and
   two-sided p (`evaluation.compare` on the studies' resynthesis/results.json), and the number of sentences paired.
   """
-  names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
+  names = _study_names(root, baseline)
   if not names:
     raise FileNotFoundError(f"no */diagnosis.json under {root}")
-  if baseline is not None and baseline not in names:
-    raise FileNotFoundError(f"baseline study {baseline!r} has no diagnosis.json under {root}")
   cell = lambda r: "-" if r is None or r.get("wer") is None else (
       f"{r['wer']:.1f}" + ("" if r.get("wer_over_ceiling") is None else f" ({r['wer_over_ceiling']:.2f})"))
   mse = lambda r: "-" if r is None or r.get("mel_mse") is None else f"{r['mel_mse']:.3f}"
@@ -147,14 +145,25 @@ def collect(root: str, baseline: str | None = None, n_resamples: int = 1000) -> 
     with open(os.path.join(root, name, "diagnosis.json")) as f:
       d = json.load(f)
     m, rows = d["meta"], d["variants"]
-    # Diagnoses written before 'recipe' named the FM's keys only, under 'fm'.
-    line = (f"| {name} | {m.get('config', '-')}, {m.get('recipe', m.get('fm', '-'))} | {m.get('step', '-')} | "
+    line = (f"| {name} | {m.get('config', '-')}, {_recipe_of(m)} | {m.get('step', '-')} | "
             f"{m.get('split', '-')}, {m['items']} | " + " | ".join(cell(rows.get(v)) for v in VARIANTS)
             + f" | {mse(rows.get('prior'))} / {mse(rows.get('resynthesis'))} |")
     if baseline is not None:
       line += f" {_paired_cell(root, name, baseline, n_resamples)} |"
     lines.append(line)
   return "\n".join(lines) + "\n"
+
+
+def _study_names(root: str, baseline: str | None) -> list[str]:
+  """The study folders under `root` (those with a diagnosis.json), in name order; names a missing baseline."""
+  names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
+  if baseline is not None and baseline not in names:
+    raise FileNotFoundError(f"baseline study {baseline!r} has no diagnosis.json under {root}")
+  return names
+
+
+def _recipe_of(meta: dict) -> str:
+  return meta.get("recipe", meta.get("fm", "-"))   # diagnoses written before 'recipe' named the FM's keys, as 'fm'
 
 
 def _paired_cell(root: str, name: str, baseline: str, n_resamples: int) -> str:
@@ -185,25 +194,27 @@ def _study(root: str, name: str) -> dict:
 
 def _group_key(m: dict) -> tuple:
   """Studies of one recipe: same config, recipe, step, split and sentence count."""
-  return (m.get("config", "-"), m.get("recipe", m.get("fm", "-")), m.get("step", "-"), m.get("split", "-"),
-          m["items"])
+  return m.get("config", "-"), _recipe_of(m), m.get("step", "-"), m.get("split", "-"), m["items"]
 
 
 def _utterance_wers(root: str, name: str, variant: str) -> dict:
-  path = os.path.join(root, name, variant, "results.json")
-  if not os.path.isfile(path):
+  """{utt: WER %} of a study's variant report ({} if the variant was not run)."""
+  from e2etts_jax.evaluation import report
+  path = os.path.join(root, name, variant)
+  if not os.path.isfile(os.path.join(path, report.RESULTS_JSON)):
     return {}
-  with open(path) as f:
-    return {u["utt"]: 100.0 * u["wer"] for u in json.load(f)["utterances"] if u.get("wer") is not None}
+  return {u["utt"]: 100.0 * u["wer"] for u in report.load_results(path)["utterances"] if u.get("wer") is not None}
 
 
 def _seed_paired(root: str, studies: dict, base: dict, variant: str, n_resamples: int) -> str:
   """'diff, t-test p; utterances diff [lo, hi] p (seeds)' of two seed groups {seed: study} on `variant`'s WER."""
   from e2etts_jax.evaluation import stats
+  if studies is base:
+    return "-"
   seeds = sorted(s for s in set(studies) & set(base)
                  if studies[s]["variants"].get(variant, {}).get("wer") is not None
                  and base[s]["variants"].get(variant, {}).get("wer") is not None)
-  if len(seeds) < 2 or studies is base:
+  if len(seeds) < 2:
     return "-"
   ua, ub = [], []
   for s in seeds:
@@ -228,18 +239,15 @@ def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 100
   those seeds pooled. '' when no recipe has two seeds. A seed diagnosed twice for one recipe counts once (the
   first study in name order).
   """
-  names = sorted(d for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "diagnosis.json")))
   groups: dict[tuple, dict] = {}
   base_key = None
-  for name in names:
+  for name in _study_names(root, baseline):
     st = _study(root, name)
     key = _group_key(st["meta"])
     if name == baseline:
       base_key = key
     if st["train_seed"] is not None:
       groups.setdefault(key, {}).setdefault(int(st["train_seed"]), st)
-  if baseline is not None and baseline not in names:
-    raise FileNotFoundError(f"baseline study {baseline!r} has no diagnosis.json under {root}")
   shown = [k for k in sorted(groups, key=str) if len(groups[k]) >= 2]
   if not shown:
     return ""
