@@ -173,6 +173,11 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
+      # Warm start: a training workdir whose latest checkpoint's parameters seed the networks named in
+      # init_networks (the others start fresh), e.g. several LLMs trained on one trained tokenizer + FM. Read only
+      # when this run's workdir has no checkpoint yet: a resumed run continues from its own.
+      "init_from": "",
+      "init_networks": "tokenizer,llm,fm,rm",
   })
   return c
 
@@ -290,6 +295,14 @@ def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(dims)
 
 
+def _check_networks(field: str, value: str) -> None:
+  for net in parse_list(value):
+    if net not in NETWORKS:
+      close = difflib.get_close_matches(net, NETWORKS, n=1)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
+      raise ConfigError(f"{field} names unknown network {net!r}{hint}; choose from {NETWORKS}")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks cross-field rules; raises ConfigError naming the field. Returns `c` for chaining."""
   a = c.audio
@@ -352,14 +365,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                       f"+ {max_tokens} speech tokens (data.max_frames / tokenizer.downsample) + 3 specials")
   if c.train.mode not in MODES:
     raise ConfigError(f"train.mode={c.train.mode!r}: choose one of {MODES}")
+  _check_networks("train.init_networks", c.train.init_networks)
   for stage in STAGES:
     s = c.train[stage]
-    for net in parse_list(s.trainable):
-      if net not in NETWORKS:
-        close = difflib.get_close_matches(net, NETWORKS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"train.{stage}.trainable names unknown network {net!r}{hint}; "
-                          f"choose from {NETWORKS}")
+    _check_networks(f"train.{stage}.trainable", s.trainable)
     bad = [t for t in parse_list(s.token_grads) if t not in TOKEN_GRAD_TERMS]
     if bad:
       raise ConfigError(f"train.{stage}.token_grads names {', '.join(map(repr, bad))}; choose from "

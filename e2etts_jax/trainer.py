@@ -125,6 +125,29 @@ def load_trained(workdir: str, step: Optional[int] = None, mesh=None) -> tuple[S
   return system, state.params, meta
 
 
+def warm_start(params: dict, params_shardings: dict, source: str, networks, mesh) -> dict:
+  """`params` ({network: tree}) with `networks` replaced by those of the latest checkpoint in the workdir `source`,
+  placed with `params_shardings`; the other networks are kept as given.
+
+  Raises CheckpointError if `source` has no readable checkpoint and TrainingError if a network's parameters do
+  not fit this config's (another width, depth, vocabulary or speaker count).
+  """
+  _, src, meta = load_trained(source, mesh=mesh)
+  out = dict(params)
+  for net in networks:
+    mine = {jax.tree_util.keystr(k): x.shape for k, x in jax.tree_util.tree_leaves_with_path(params[net])}
+    theirs = {jax.tree_util.keystr(k): x.shape for k, x in jax.tree_util.tree_leaves_with_path(src[net])}
+    if mine != theirs:
+      bad = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+      raise TrainingError(
+          f"train.init_from={source}: its {net} does not fit this config's ({len(bad)} parameter(s) differ; "
+          f"{net}{bad[0]} is {theirs.get(bad[0], 'absent')} there and {mine.get(bad[0], 'absent')} here). "
+          f"Leave {net} out of train.init_networks or match its config")
+    out[net] = jax.device_put(src[net], params_shardings[net])
+  log.info("initialised %s from %s (step %d)", ", ".join(networks), source, meta["global_step"])
+  return out
+
+
 def _host(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
@@ -174,6 +197,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
       tx = optim.make_optimizer(config, stage)
       if state is None:
         state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
+        if config.train.init_from:
+          params = warm_start(state.params, shard_tree.params, config.train.init_from,
+                              config_lib.parse_list(config.train.init_networks), mesh)
+          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=params)
       elif global_step == first:   # entering a new stage: keep params, fresh optimizer for its networks
         state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
       step_fns: dict = {}

@@ -99,6 +99,8 @@ RULES = [
     ("llm max_len", lambda c: setattr(c.llm, "max_len", 100), "llm.max_len"),
     ("mode", lambda c: setattr(c.train, "mode", "joint"), "train.mode"),
     ("trainable", lambda c: setattr(c.train.stage2, "trainable", "llm,flow"), "unknown network 'flow'"),
+    ("init networks", lambda c: setattr(c.train, "init_networks", "tokeniser,fm"),
+     "train.init_networks names unknown network 'tokeniser' (did you mean 'tokenizer'"),
     ("steps", lambda c: setattr(c.train.stage1, "steps", -1), "train.stage1.steps"),
     ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),

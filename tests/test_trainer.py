@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from e2etts_jax import config_lib, sharding, trainer
+from e2etts_jax import checkpoint, config_lib, optim, sharding, train_step, trainer
 from tests.conftest import tiny_train_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -88,6 +88,47 @@ def test_resume_on_another_mesh_continues_identically(tiny_shards, tmp_path):
   a, b = _losses(full.history), _losses(rest.history)
   assert sorted(b) == [5, 6, 7, 8]
   np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5)
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, tmp_path):
+  source = str(tmp_path / "source")
+  trainer.train(tiny_train_config(tiny_shards, steps=(2, 0, 0)), source, progress=False, mesh=_mesh((1, 1, 1)))
+  _, src, _ = trainer.load_trained(source)
+  c = tiny_train_config(tiny_shards, steps=(0, 1, 0))
+  c.train.stage2.trainable = "fm"   # tokenizer, rm and llm keep their starting values exactly
+  c.train.update(init_from=source, init_networks="tokenizer,rm")
+  result = trainer.train(c, str(tmp_path / "warm"), progress=False, mesh=_mesh((1, 1, 1)))
+  params = result.state.params
+  # The fresh init the trainer makes (the same jit, so bit-identical).
+  fresh, _ = train_step.create_train_state(result.system, optim.make_optimizer(c, "stage2"), _mesh((1, 1, 1)),
+                                           jax.random.key(c.seed))
+  fresh = fresh.params
+  for net, want in [("tokenizer", src), ("rm", src), ("llm", fresh)]:
+    for a, b in zip(_leaves(params[net]), _leaves(want[net]), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=net)
+  assert any((a != b).any() for a, b in zip(_leaves(params["tokenizer"]), _leaves(fresh["tokenizer"])))
+
+  # A workdir with checkpoints of its own resumes from them and never reads init_from again.
+  c.train.stage2.steps = 2
+  c.train.init_from = str(tmp_path / "gone")
+  assert trainer.train(c, str(tmp_path / "warm"), progress=False, mesh=_mesh((1, 1, 1))).global_step == 2
+
+
+def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, tmp_path):
+  source = str(tmp_path / "source")
+  trainer.train(tiny_train_config(tiny_shards, steps=(1, 0, 0)), source, progress=False, mesh=_mesh((1, 1, 1)))
+  c = tiny_train_config(tiny_shards, steps=(1, 0, 0))
+  c.llm.d_model = 48
+  c.train.update(init_from=source, init_networks="tokenizer,llm")
+  with pytest.raises(trainer.TrainingError, match=r"init_from=.*source: its llm does not fit"):
+    trainer.train(c, str(tmp_path / "wider"), progress=False, mesh=_mesh((1, 1, 1)))
+  c.train.init_from = str(tmp_path / "nowhere")
+  with pytest.raises(checkpoint.CheckpointError, match="nowhere"):
+    trainer.train(c, str(tmp_path / "missing"), progress=False, mesh=_mesh((1, 1, 1)))
 
 
 def _train_cmd(shards, workdir, steps=8):
