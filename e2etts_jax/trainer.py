@@ -161,23 +161,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
   mesh = mesh or sharding.make_mesh(config.mesh)
   info = input_pipeline.dataset_info(config.data.shards, config)
-  write_run_files(workdir, config, info)
-  system = System(config, info)
-  rng = jax.random.key(config.seed)
-  train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
-                                 config.train.keep_checkpoints)
-  writer = metric_writer.MetricWriter(workdir)
   plan = stage_plan(config)
   if not plan:
     raise TrainingError("every stage has 0 steps: nothing to train (set train.stageN.steps)")
   total_steps = plan[-1][1] + plan[-1][2]
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
+                                 config.train.keep_checkpoints)
+  latest = ckpt.latest_step()
+  meta = None if latest is None else ckpt.restore_meta(latest)
+  if meta is not None:
+    try:
+      _check_resumable(plan, latest, meta["stage"], ckpt.directory)
+    except TrainingError:
+      ckpt.close()
+      raise
+  write_run_files(workdir, config, info)   # only now: a refused resume leaves the workdir's config.json as it was
+  system = System(config, info)
+  rng = jax.random.key(config.seed)
+  train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
+  writer = metric_writer.MetricWriter(workdir)
 
   # Resume: the latest checkpoint says which stage and step we are in.
   state, start_global, shard_tree = None, 0, None
-  latest = ckpt.latest_step()
-  if latest is not None:
-    meta = ckpt.restore_meta(latest)
+  if meta is not None:
     stage = meta["stage"]
     abstract, shard_tree = train_step.state_shardings(system, optim.make_optimizer(config, stage), mesh)
     state, _ = ckpt.restore(latest, abstract, train_iter)
@@ -235,6 +241,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   writer.close()
   return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
                      preempted=preemption.requested, evals=held_out.rows)
+
+
+def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
+  """Raises TrainingError unless global `step`, saved in `stage`, lies within that stage of `plan`: another stage
+  budget would continue the checkpoint in the wrong stage, schedule or optimizer state."""
+  spans = {s: (first, first + steps) for s, first, steps in plan}
+  if stage in spans and spans[stage][0] <= step <= spans[stage][1]:
+    return
+  where = ", ".join(f"{s} steps {a}-{b}" for s, (a, b) in spans.items())
+  raise TrainingError(
+      f"{directory} holds global step {step} of {stage}, which this config's stages ({where}) do not place in "
+      f"{stage}: resume with the stage budgets that wrote it (its workdir's config.json), or start another "
+      f"workdir (train.init_from takes its parameters)")
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:

@@ -131,6 +131,16 @@ def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_
     trainer.train(c, str(tmp_path / "missing"), progress=False, mesh=_mesh((1, 1, 1)))
 
 
+def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, tmp_path):
+  run = str(tmp_path / "run")
+  trainer.train(tiny_train_config(tiny_shards, steps=(2, 0, 0)), run, progress=False, mesh=_mesh((1, 1, 1)))
+  written = open(os.path.join(run, "config.json")).read()
+  # Step 2 ended stage 1; with stage 1 one step long it would be continued inside stage 2 with stage 1's state.
+  with pytest.raises(trainer.TrainingError, match=r"global step 2 of stage1, .*stage1 steps 0-1, stage2 steps 1-3"):
+    trainer.train(tiny_train_config(tiny_shards, steps=(1, 2, 0)), run, progress=False, mesh=_mesh((1, 1, 1)))
+  assert open(os.path.join(run, "config.json")).read() == written   # the refused run changed nothing
+
+
 def _train_cmd(shards, workdir, steps=8):
   return [sys.executable, "-m", "e2etts_jax.cli.train", "--config", os.path.join(REPO, "configs/tiny.py"),
           "--workdir", workdir, f"--config.data.shards={shards}", "--config.data.bucket_boundaries=(200,)",
