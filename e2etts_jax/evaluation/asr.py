@@ -75,6 +75,9 @@ class PocketSphinxASR(ASR):
   def _transcribe16k(self, wav: np.ndarray) -> str:
     pcm = (np.clip(wav, -1.0, 1.0) * 32767.0).astype("<i2")
     d = self._decoder
+    # The feature front end adapts (its cepstral mean) across utterances, so without a reset an utterance's
+    # transcript depends on what the decoder heard before: the same wav scored differently by position in a run.
+    d.reinit_feat()
     d.start_utt()
     # full_utt: the whole utterance is known, so cepstral mean normalisation uses all of it (batch CMN).
     d.process_raw(pcm.tobytes(), no_search=False, full_utt=True)
