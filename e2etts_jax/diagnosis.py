@@ -1,13 +1,15 @@
-"""Where intelligibility is lost between the ground truth and resynthesis: the judge's WER on mel variants.
+"""Where intelligibility is lost between the ground truth and TTS: the judge's WER on mel variants.
 
-Every variant is a log-mel made from the same ground-truth sentence and vocoded the same way (the shipped
-vocoder), so their differences in WER belong to the mel alone:
+Every variant is a log-mel of the same sentence vocoded the same way (the shipped vocoder); all but `tts` are made
+from its ground-truth audio, so their differences in WER belong to the mel alone:
 
   ground_truth  the mel itself: the ceiling.
   envelope      its spectral envelope (`audio.spectral_envelope`: pitch harmonics removed): how much of the ceiling
                 survives without pitch information, the most an over-smoothed decoder could keep.
   prior         tokenizer -> the FM's prior head (`Synthesizer.prior_mel`): what the codes alone say, no flow.
   resynthesis   tokenizer -> FM sampler (`Synthesizer.resynthesize_mel`).
+  tts           the sentence's text and its item's prompt -> LLM -> FM (`Synthesizer.synthesize_item`): the whole
+                system, so tts - resynthesis is what the LLM's tokens lose against the ground truth's.
 
 On training sentences (`split='train'`) the networks have seen every target: a resynthesis far from the ceiling
 there is a failure to fit (capacity, budget, what the tokens keep), not to generalise.
@@ -24,7 +26,8 @@ import numpy as np
 
 from e2etts_jax import audio, config_lib, synthesis
 
-VARIANTS = ("ground_truth", "envelope", "prior", "resynthesis")
+VARIANTS = ("ground_truth", "envelope", "prior", "resynthesis", "tts")
+MEL_VARIANTS = VARIANTS[:-1]   # made from the ground-truth mel (variant_mel); tts is made from text
 
 
 def variant_mel(synth, mel: np.ndarray, variant: str, rng: jax.Array, envelope_coeffs: int = 20) -> np.ndarray:
@@ -38,7 +41,7 @@ def variant_mel(synth, mel: np.ndarray, variant: str, rng: jax.Array, envelope_c
     return synth.prior_mel(synth.tokenize_mel(mel))
   if variant == "resynthesis":
     return synth.resynthesize_mel(mel, rng)
-  raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+  raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(MEL_VARIANTS)}")
 
 
 def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[str] = VARIANTS,
@@ -49,7 +52,8 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
   OUT/diagnosis.md.
 
   Returns {variant: {wer, ci_low, ci_high, wer_over_ceiling, mel_mse, scored}}: mel_mse is the mean over items of
-  the mean squared log-mel error against the ground truth; wer_over_ceiling needs 'ground_truth' among variants.
+  the mean squared log-mel error against the ground truth (None for tts, whose length is the model's own);
+  wer_over_ceiling needs 'ground_truth' among variants.
   """
   from e2etts_jax import evaluation   # the judges pull in pocketsphinx: only when diagnosing
   bad = [v for v in variants if v not in VARIANTS]
@@ -68,8 +72,9 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
       errors.append(float(np.mean(np.square(out - mel[: out.shape[0]]))))
       return np.asarray(synth.vocoder(out), np.float32), synth.sample_rate
 
-    res = evaluation.evaluate(items, os.path.join(out_dir, variant), ceiling=True, roundtrip=roundtrip, asr=asr,
-                              ceiling_results=ceiling, seed=seed, n_resamples=n_resamples, progress=progress,
+    source = dict(synthesize=synth.synthesize_item) if variant == "tts" else dict(ceiling=True, roundtrip=roundtrip)
+    res = evaluation.evaluate(items, os.path.join(out_dir, variant), **source, asr=asr, ceiling_results=ceiling,
+                              seed=seed, n_resamples=n_resamples, progress=progress,
                               meta={"system": f"diagnosis: {variant}"})
     if variant == "ground_truth":
       ceiling = res
@@ -99,12 +104,21 @@ RECIPE_KEYS = ("fm.encoder_layers", "fm.t_schedule", "fm.prior_start", "fm.prior
                "tokenizer.conv_kernel", "rm.conv_kernel", "train.stage1.learning_rate")
 
 
+# Keys named where they differ from the defaults of the config's own size (`c.name`): the LLM's shape, its text
+# units and an LLM-only stage 2 (the LLM studies vary these).
+SIZE_RECIPE_KEYS = ("llm.d_model", "llm.num_layers", "llm.mlp_dim", "text.model_type", "text.vocab_size",
+                    "train.stage2.trainable", "train.stage2.learning_rate")
+
+
 def recipe(c) -> str:
-  """The FM's size and the non-default RECIPE_KEYS, e.g. 'd192 x 4 layers, t_schedule=cosine, rm.conv_kernel=7'."""
+  """The FM's size and the non-default RECIPE_KEYS and SIZE_RECIPE_KEYS, e.g. 'd192 x 4 layers, t_schedule=cosine,
+  rm.conv_kernel=7, llm.d_model=192'."""
   default = config_lib.base_config()
+  size_default = config_lib.get_config(c.name, c.train.mode) if c.name in config_lib.SIZES else default
   get = lambda node, key: functools.reduce(lambda n, k: n[k], key.split("."), node)
   return ", ".join([f"d{c.fm.d_model} x {c.fm.num_layers} layers"]
-                   + [f"{k.removeprefix('fm.')}={get(c, k)}" for k in RECIPE_KEYS if get(c, k) != get(default, k)])
+                   + [f"{k.removeprefix('fm.')}={get(c, k)}" for k in RECIPE_KEYS if get(c, k) != get(default, k)]
+                   + [f"{k}={get(c, k)}" for k in SIZE_RECIPE_KEYS if get(c, k) != get(size_default, k)])
 
 
 def markdown(rows: dict, meta: dict) -> str:
@@ -178,7 +192,7 @@ def _paired_cell(root: str, name: str, baseline: str, n_resamples: int) -> str:
   return f"{w['diff']:+.1f} [{w['ci_low']:+.1f}, {w['ci_high']:+.1f}], p {w['p_bootstrap']:.3f} ({w['n']})"
 
 
-SEED_VARIANTS = ("prior", "resynthesis")   # the model's variants: what training seeds move
+SEED_VARIANTS = ("prior", "resynthesis", "tts")   # the model's variants: what training seeds move
 
 
 def _study(root: str, name: str) -> dict:
@@ -232,7 +246,8 @@ def _seed_paired(root: str, studies: dict, base: dict, variant: str, n_resamples
 
 def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 1000) -> str:
   """A markdown table of the studies under `root` that repeat one recipe (config, recipe, step, split, sentence
-  count) with two or more training seeds: each group's prior and resynthesis WER, mean ± std over seeds.
+  count) with two or more training seeds: each group's prior, resynthesis and tts WER (those run), mean ± std
+  over seeds.
 
   With `baseline` (a study folder), each group is also paired with the baseline study's group on the seeds both
   ran: the difference of the seed means, a paired t-test over seeds, and a paired bootstrap over the sentences of
@@ -251,6 +266,8 @@ def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 100
   shown = [k for k in sorted(groups, key=str) if len(groups[k]) >= 2]
   if not shown:
     return ""
+  # The variants some shown study ran (tts is newer than most studies).
+  variants = [v for v in SEED_VARIANTS if any(v in st["variants"] for k in shown for st in groups[k].values())]
 
   def spread(group: dict, variant: str) -> str:
     wer = [st["variants"][variant]["wer"] for st in group.values()
@@ -263,19 +280,19 @@ def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 100
     return f"{np.mean(wer):.1f} ± {sd:.1f}" + (f" ({np.mean(ratio):.2f})" if len(ratio) == len(wer) else "")
 
   header = ("| config, recipe | step | split, sentences | seeds | "
-            + " | ".join(f"{v} WER mean ± std (/ ceiling)" for v in SEED_VARIANTS) + " |")
-  columns = 4 + len(SEED_VARIANTS)
+            + " | ".join(f"{v} WER mean ± std (/ ceiling)" for v in variants) + " |")
+  columns = 4 + len(variants)
   if base_key is not None:
-    header += " " + " | ".join(f"{v} - {baseline}'s seeds" for v in SEED_VARIANTS) + " |"
-    columns += len(SEED_VARIANTS)
+    header += " " + " | ".join(f"{v} - {baseline}'s seeds" for v in variants) + " |"
+    columns += len(variants)
   lines = [header, "|---" * columns + "|"]
   for key in shown:
     config, rec, step, split, items = key
     group = groups[key]
     line = (f"| {config}, {rec} | {step} | {split}, {items} | {', '.join(str(s) for s in sorted(group))} | "
-            + " | ".join(spread(group, v) for v in SEED_VARIANTS) + " |")
+            + " | ".join(spread(group, v) for v in variants) + " |")
     if base_key is not None:
       base = groups.get(base_key, {})
-      line += " " + " | ".join(_seed_paired(root, group, base, v, n_resamples) for v in SEED_VARIANTS) + " |"
+      line += " " + " | ".join(_seed_paired(root, group, base, v, n_resamples) for v in variants) + " |"
     lines.append(line)
   return "\n".join(lines) + "\n"

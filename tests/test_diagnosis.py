@@ -1,4 +1,5 @@
 """Diagnosis: each mel variant is what it claims to be, and diagnose() scores them with the judge and reports."""
+import csv
 import json
 import os
 
@@ -61,6 +62,21 @@ def test_diagnose_scores_every_variant_against_the_ceiling(synth, workdir, tmp_p
     diagnosis.diagnose(synth, items, str(tmp_path / "x"), asr=None, variants=["ceiling"])
 
 
+def test_tts_variant_is_the_whole_system_against_the_same_ceiling(synth, workdir, tmp_path):
+  items = evaluation.items_from_manifest(workdir["manifest"], split="test", seed=0)[:1]
+  asr = evaluation.make_asr("pocketsphinx")
+  rows = diagnosis.diagnose(synth, items, str(tmp_path / "d"), asr=asr, variants=["tts", "ground_truth"],
+                            n_resamples=20, progress=False)
+  assert list(rows) == ["ground_truth", "tts"] and rows["tts"]["scored"] == 1 and rows["tts"]["mel_mse"] is None
+  evaluation.evaluate(items, str(tmp_path / "direct"), synthesize=synth.synthesize_item, asr=asr, n_resamples=20,
+                      progress=False)
+  fields = lambda run: [(r["duration_s"], r["hypothesis"], r["extra_tokens"])
+                        for r in csv.DictReader(open(tmp_path / run / "details.csv"))]
+  assert fields("d/tts") == fields("direct")   # the system's own synthesis of the item's text and prompt
+  got = json.load(open(tmp_path / "d" / "tts" / "results.json"))
+  assert got["ceiling"]["wer"]["mean"] == rows["ground_truth"]["wer"]
+
+
 def test_recipe_names_size_and_non_default_training(tiny_config):
   c = tiny_config
   assert diagnosis.recipe(c) == f"d{c.fm.d_model} x {c.fm.num_layers} layers"
@@ -70,6 +86,11 @@ def test_recipe_names_size_and_non_default_training(tiny_config):
   assert diagnosis.recipe(c) == (f"d{c.fm.d_model} x {c.fm.num_layers} layers, "
                                  f"encoder_layers={c.fm.encoder_layers}, t_schedule=cosine, prior_start=True, "
                                  f"rm.conv_kernel=7, train.stage1.learning_rate=0.002")
+  # The LLM's keys are named against the size's own defaults (tiny's LLM is d32: not named until changed).
+  c.llm.d_model = 48
+  c.train.stage2.trainable = "llm"
+  assert diagnosis.recipe(c).endswith("train.stage1.learning_rate=0.002, llm.d_model=48, "
+                                      "train.stage2.trainable=llm")
 
 
 def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None):
@@ -138,7 +159,7 @@ def test_collect_seeds_pairs_recipes_over_training_seeds(tmp_path):
   _fake_study(tmp_path, "lone", base[0], recipe="r2", seed=0)              # one seed: not a row
   table = diagnosis.collect_seeds(str(tmp_path), baseline="base-s1", n_resamples=300)
   lines = table.splitlines()
-  assert len(lines) == 4 and "resynthesis - base-s1's seeds" in lines[0]
+  assert len(lines) == 4 and "resynthesis - base-s1's seeds" in lines[0] and "tts" not in lines[0]   # not run
   rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
   assert set(rows) == {"tiny, r0", "tiny, r1"}
   mean = lambda group: [100 * np.mean(list(group[s].values())) for s in sorted(group)]

@@ -2,7 +2,7 @@
 
   e2etts-diagnose --workdir runs/main --manifest runs/main/corpus/manifest.jsonl --out runs/main/diagnosis
   e2etts-diagnose --workdir W --manifest M --out D --split train --items 16   # sentences it was trained on
-  ... [--variants ground_truth,envelope,prior,resynthesis] [--envelope_coeffs 20] [--seed 0]
+  ... [--variants ground_truth,envelope,prior,resynthesis[,tts]] [--envelope_coeffs 20] [--seed 0]
   ... [--inference fm.temperature=0.5,fm.ode_steps=32]   # sample the FM otherwise than the trained config says
   e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
   e2etts-diagnose --collect D --baseline STUDY   # ... with each study's paired resynthesis WER against STUDY's
@@ -32,7 +32,7 @@ flags.DEFINE_string("split", "test", "Manifest split to take sentences from (tra
                     flag_values=FLAGS)
 flags.DEFINE_integer("items", 16, "Sentences to score (spread over speakers; 0 = all).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
-flags.DEFINE_list("variants", ["ground_truth", "envelope", "prior", "resynthesis"], "Mel variants to score.",
+flags.DEFINE_list("variants", ["ground_truth", "envelope", "prior", "resynthesis"], "Variants to score (tts: the whole system, text -> LLM -> FM).",
                   flag_values=FLAGS)
 flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept by the envelope variant.",
                      flag_values=FLAGS)
@@ -79,7 +79,9 @@ def _diagnose_from_flags() -> int:
   try:
     synth = synthesis.Synthesizer.from_workdir(FLAGS.workdir, step=FLAGS.step, seed=FLAGS.seed,
                                                inference=FLAGS.inference)
-    items = evaluation.items_from_manifest(FLAGS.manifest, split=FLAGS.split, seed=FLAGS.seed)
+    # Prompts the model can take (tts): no longer than its training utterances. Only tts reads the prompt.
+    items = evaluation.items_from_manifest(FLAGS.manifest, split=FLAGS.split, seed=FLAGS.seed,
+                                           max_prompt_seconds=synth.config.data.max_seconds)
   except (FileNotFoundError, checkpoint.CheckpointError, evaluation.MetalistError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   items = main_job.pick_items(items, FLAGS.items)

@@ -90,13 +90,17 @@ def _read_manifest_rows(path: str) -> list[dict]:
   return rows
 
 
-def items_from_manifest(path: str, *, split: str = "test", seed: int = 0) -> list[EvalItem]:
+def items_from_manifest(path: str, *, split: str = "test", seed: int = 0,
+                        max_prompt_seconds: float | None = None) -> list[EvalItem]:
   """Builds zero-shot items from a JSONL manifest (`id`, `audio`, `text`, `speaker`, `split`, ...).
 
   Every utterance of `split` becomes a target (in file order); its prompt is another utterance of the same
   speaker: a train-split one when the speaker has any, else any other utterance of that speaker. The choice is
   a function of (seed, target id) alone, so adding or removing other items does not change it. Targets whose
   speaker has no other utterance are skipped with a warning.
+
+  max_prompt_seconds: prompts only from utterances at most this long (by the manifest's `duration`; rows without
+  one stay eligible), e.g. a model's data.max_seconds; targets keep any length.
   """
   rows = _read_manifest_rows(path)
   seen: dict[str, int] = {}
@@ -111,7 +115,8 @@ def items_from_manifest(path: str, *, split: str = "test", seed: int = 0) -> lis
   for r in rows:
     if r["split"] != split:
       continue
-    others = [o for o in by_speaker[r["speaker"]] if o["id"] != r["id"] and o["audio"] != r["audio"]]
+    others = [o for o in by_speaker[r["speaker"]] if o["id"] != r["id"] and o["audio"] != r["audio"]
+              and (max_prompt_seconds is None or float(o.get("duration", 0.0)) <= max_prompt_seconds)]
     preferred = [o for o in others if o["split"] == "train"]
     pool = sorted(preferred or others, key=lambda o: o["id"])
     if not pool:
@@ -121,8 +126,9 @@ def items_from_manifest(path: str, *, split: str = "test", seed: int = 0) -> lis
     prompt = pool[random.Random(f"{seed}:{r['id']}").randrange(len(pool))]
     items.append(EvalItem(r["id"], str(prompt["text"]), prompt["audio"], str(r["text"]), r["audio"]))
   if skipped:
-    logging.warning("%d %s utterance(s) skipped: their speaker has no other utterance to prompt with: %s",
-                    len(skipped), split, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
+    limit = "" if max_prompt_seconds is None else f" of at most {max_prompt_seconds:g} s"
+    logging.warning("%d %s utterance(s) skipped: their speaker has no other utterance%s to prompt with: %s",
+                    len(skipped), split, limit, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))
   if not items:
     raise MetalistError(f"{path}: no usable {split!r} utterances (need a split={split!r} row whose speaker has "
                         "another utterance)")
