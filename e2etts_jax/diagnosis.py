@@ -276,8 +276,10 @@ def collect_seeds(root: str, baseline: str | None = None, n_resamples: int = 100
              if st["variants"].get(variant, {}).get("wer_over_ceiling") is not None]
     if not wer:
       return "-"
-    sd = float(np.std(wer, ddof=1)) if len(wer) > 1 else 0.0
-    return f"{np.mean(wer):.1f} ± {sd:.1f}" + (f" ({np.mean(ratio):.2f})" if len(ratio) == len(wer) else "")
+    cell = f"{np.mean(wer):.1f}" + (f" ± {np.std(wer, ddof=1):.1f}" if len(wer) > 1 else "")
+    cell += f" ({np.mean(ratio):.2f})" if len(ratio) == len(wer) else ""
+    # A variant that only some seeds ran (e.g. tts, newer than the rest) says over how many.
+    return cell + (f", {len(wer)} of {len(group)} seeds" if len(wer) < len(group) else "")
 
   header = ("| config, recipe | step | split, sentences | seeds | "
             + " | ".join(f"{v} WER mean ± std (/ ceiling)" for v in variants) + " |")

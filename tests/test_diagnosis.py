@@ -93,13 +93,14 @@ def test_recipe_names_size_and_non_default_training(tiny_config):
                                       "train.stage2.trainable=llm")
 
 
-def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None):
+def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None, tts=None):
   """A study folder as `diagnose` leaves it: diagnosis.json and resynthesis/results.json ({utt: WER fraction});
-  `prior` adds that variant the same way; `config_seed` writes the run's config.json instead of meta's seed."""
+  `prior` and `tts` add those variants the same way; `config_seed` writes the run's config.json instead of meta's
+  seed."""
   meta = {"items": len(utt_wers), "config": "tiny"}
   meta.update({} if seed is None else {"train_seed": seed}, **({} if recipe is None else {"recipe": recipe}))
   variants = {}
-  for variant, wers in (("resynthesis", utt_wers), ("prior", prior)):
+  for variant, wers in (("resynthesis", utt_wers), ("prior", prior), ("tts", tts)):
     if wers is None:
       continue
     os.makedirs(root / name / variant)
@@ -185,6 +186,14 @@ def test_collect_seeds_pairs_recipes_over_training_seeds(tmp_path):
   solo.mkdir()
   _fake_study(solo, "only", base[0], seed=0)
   assert diagnosis.collect_seeds(str(solo)) == ""
+  # A variant some seeds of a group ran: its mean over those, and how many they are.
+  some = tmp_path / "some"
+  some.mkdir()
+  for s in range(3):
+    _fake_study(some, f"s{s}", base[s], seed=s, tts={"u0": 0.9} if s == 2 else None)
+  lines = diagnosis.collect_seeds(str(some)).splitlines()
+  assert "tts WER mean ± std (/ ceiling)" in lines[0]
+  assert lines[2].strip("|").split("|")[5].strip() == "90.0 (4.50), 1 of 3 seeds"   # no prior: 6th cell
 
 
 def test_cli_names_a_bad_variant_and_a_missing_workdir(workdir, tmp_path):
