@@ -47,9 +47,9 @@ def variant_mel(synth, mel: np.ndarray, variant: str, rng: jax.Array, envelope_c
 def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[str] = VARIANTS,
              envelope_coeffs: int = 20, seed: int = 0, n_resamples: int = 1000, progress: bool = True,
              meta: dict | None = None) -> dict:
-  """Scores each variant of every item's ground truth with the judge; writes OUT/<variant>/ (the harness's
-  reports), OUT/diagnosis.json (with `meta`, e.g. the split, beside what the synthesizer says of the model) and
-  OUT/diagnosis.md.
+  """Scores each variant of every item (made from its ground truth; tts from its text and prompt) with the judge;
+  writes OUT/<variant>/ (the harness's reports), OUT/diagnosis.json (with `meta`, e.g. the split, beside what the
+  synthesizer says of the model) and OUT/diagnosis.md.
 
   Returns {variant: {wer, ci_low, ci_high, wer_over_ceiling, mel_mse, scored}}: mel_mse is the mean over items of
   the mean squared log-mel error against the ground truth (None for tts, whose length is the model's own);

@@ -32,8 +32,8 @@ flags.DEFINE_string("split", "test", "Manifest split to take sentences from (tra
                     flag_values=FLAGS)
 flags.DEFINE_integer("items", 16, "Sentences to score (spread over speakers; 0 = all).", flag_values=FLAGS)
 flags.DEFINE_string("out", None, "Output folder.", flag_values=FLAGS)
-flags.DEFINE_list("variants", ["ground_truth", "envelope", "prior", "resynthesis"], "Variants to score (tts: the whole system, text -> LLM -> FM).",
-                  flag_values=FLAGS)
+flags.DEFINE_list("variants", ["ground_truth", "envelope", "prior", "resynthesis"],
+                  "Variants to score (tts: the whole system, text -> LLM -> FM).", flag_values=FLAGS)
 flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept by the envelope variant.",
                      flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAGS)
