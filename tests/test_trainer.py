@@ -94,9 +94,16 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
-def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, tmp_path):
-  source = str(tmp_path / "source")
+@pytest.fixture(scope="module")
+def trained_source(tiny_shards, tmp_path_factory):
+  """A workdir after 2 steps of stage 1 (checkpoint at step 2): the source of warm starts and resumes below."""
+  source = str(tmp_path_factory.mktemp("trained") / "source")
   trainer.train(tiny_train_config(tiny_shards, steps=(2, 0, 0)), source, progress=False, mesh=_mesh((1, 1, 1)))
+  return source
+
+
+def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, trained_source, tmp_path):
+  source = trained_source
   _, src, _ = trainer.load_trained(source)
   c = tiny_train_config(tiny_shards, steps=(0, 1, 0))
   c.train.stage2.trainable = "fm"   # tokenizer, rm and llm keep their starting values exactly
@@ -118,9 +125,8 @@ def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, t
   assert trainer.train(c, str(tmp_path / "warm"), progress=False, mesh=_mesh((1, 1, 1))).global_step == 2
 
 
-def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, tmp_path):
-  source = str(tmp_path / "source")
-  trainer.train(tiny_train_config(tiny_shards, steps=(1, 0, 0)), source, progress=False, mesh=_mesh((1, 1, 1)))
+def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, trained_source, tmp_path):
+  source = trained_source
   c = tiny_train_config(tiny_shards, steps=(1, 0, 0))
   c.llm.d_model = 48
   c.train.update(init_from=source, init_networks="tokenizer,llm")
@@ -131,9 +137,8 @@ def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_
     trainer.train(c, str(tmp_path / "missing"), progress=False, mesh=_mesh((1, 1, 1)))
 
 
-def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, tmp_path):
-  run = str(tmp_path / "run")
-  trainer.train(tiny_train_config(tiny_shards, steps=(2, 0, 0)), run, progress=False, mesh=_mesh((1, 1, 1)))
+def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, trained_source):
+  run = trained_source
   written = open(os.path.join(run, "config.json")).read()
   # Step 2 ended stage 1; with stage 1 one step long it would be continued inside stage 2 with stage 1's state.
   with pytest.raises(trainer.TrainingError, match=r"global step 2 of stage1, .*stage1 steps 0-1, stage2 steps 1-3"):
