@@ -15,6 +15,13 @@ def xla_flags(devices: int) -> str:
 # 8 fake CPU devices for sharding tests; must be set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", xla_flags(8))
 
+# librosa's gufuncs (localmin, which librosa.yin calls) are numba-compiled with cache=True, and numba's gufunc cache
+# is not safe against two processes compiling the same function at once (numba#10128): the loser writes an index
+# that points at the other's machine code and segfaults on every later call, in every later worker. Each xdist
+# worker therefore gets its own cache directory; it must be set before numba is first imported.
+NUMBA_CACHE_ROOT = os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "numba")
+os.environ["NUMBA_CACHE_DIR"] = os.path.join(NUMBA_CACHE_ROOT, os.environ.get("PYTEST_XDIST_WORKER", "main"))
+
 import jax
 import numpy as np
 import pytest

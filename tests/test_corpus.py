@@ -149,6 +149,15 @@ def test_pitch_changes_f0(tmp_path, name):
   assert _median_f0(str(tmp_path / "high.wav")) / _median_f0(str(tmp_path / "low.wav")) > 1.3
 
 
+def test_librosa_numba_cache_is_private_to_this_test_worker():
+  # The pitch tests run librosa.yin on several workers at once; a shared numba cache races (see conftest).
+  from tests.conftest import NUMBA_CACHE_ROOT, sine_wave
+  mine = os.path.realpath(os.path.join(NUMBA_CACHE_ROOT, os.environ.get("PYTEST_XDIST_WORKER", "main")))
+  librosa.yin(sine_wave(0.5, 16000), fmin=50, fmax=400, sr=16000)
+  cached = [f for _, _, files in os.walk(mine) for f in files if "_localmin" in f]
+  assert any(f.endswith(".nbi") for f in cached) and any(f.endswith(".nbc") for f in cached), cached
+
+
 # ------------------------------------------------------------------------------------------------ manifest
 
 
