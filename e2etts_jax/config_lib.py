@@ -100,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.tokenizer = ml_collections.ConfigDict({
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "dropout": 0.0,
       "downsample": 2,            # mel frames per token (50 Hz -> 25 Hz)
       "token_rate": 25.0,
       "fsq_levels": (8, 5, 5, 5),  # 1000 codes: the small corpus cannot fill 3^8
@@ -109,6 +110,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.llm = ml_collections.ConfigDict({
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 512,
+      "dropout": 0.0,             # residual dropout while the network trains (CosyVoice LLM: 0.1); all four have one
       "max_len": 512,             # text + speech positions the KV cache holds
       "min_ratio": 2.0,           # speech tokens >= min_ratio * text tokens (eos masked before)
       "max_ratio": 20.0,
@@ -121,6 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.fm = ml_collections.ConfigDict({
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "dropout": 0.0,
       "sigma_min": 1e-6,
       "t_schedule": "uniform",     # training flow times: 'uniform' U(0, 1), or 'cosine' 1 - cos(u pi / 2) (CosyVoice)
       "cfg_drop": 0.2,
@@ -140,6 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.rm = ml_collections.ConfigDict({
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 4, "mlp_dim": 512,
+      "dropout": 0.0,
       "num_speakers": 16,         # set from the prepared data's speaker table
       "spk_embed_dim": 128,
       "aux_tasks": "rate,pitch",  # manifest metadata classes recognised beside ASR and speaker
@@ -332,6 +336,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     if "conv_kernel" in n and (n.conv_kernel < 0 or (n.conv_kernel and n.conv_kernel % 2 == 0)):
       raise ConfigError(f"{net}.conv_kernel={n.conv_kernel}: must be 0 (none) or an odd number of taps "
                         f"(a centred window)")
+    if not 0.0 <= n.get("dropout", 0.0) < 1.0:
+      raise ConfigError(f"{net}.dropout={n.dropout}: must be in [0, 1) (the fraction of units dropped)")
   if c.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
   if c.model.remat not in REMAT_POLICIES:

@@ -38,20 +38,35 @@ def stage_spec(config: ml_collections.ConfigDict, stage: str) -> tuple[frozenset
   return frozenset(config_lib.parse_list(s.trainable)), {k: float(s.weights[k]) for k in config_lib.LOSS_TERMS}
 
 
-def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage: str) -> tuple[jax.Array, dict]:
+def dropout_rngs(rng: jax.Array, trainable: frozenset) -> dict[str, dict]:
+  """Per-network `rngs` for apply: a 'dropout' key for each trainable network, none for the others.
+
+  Frozen networks run deterministically: they are fixed targets (stage 3's FM and RM score the LLM's tokens), not
+  something to regularise. Each network gets its own key (their layers share names, hence would share masks).
+  The key is folded from `rng` rather than split from it, so the other draws are the same with or without dropout.
+  """
+  base = jax.random.fold_in(rng, 0x0D)
+  return {n: {"dropout": jax.random.fold_in(base, i)} if n in trainable else {}
+          for i, n in enumerate(config_lib.NETWORKS)}
+
+
+def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage: str,
+            train: bool = True) -> tuple[jax.Array, dict]:
   """Total weighted loss of `stage` and its metrics (every term, code usage, accuracies).
 
   params: {'tokenizer', 'llm', 'fm', 'rm'} (unboxed); batch: the input pipeline's dict (see input_pipeline).
   Terms with weight 0 are not computed at all (their networks are not even run unless another term needs them).
+  train: the trainable networks apply their dropout (`<network>.dropout`); held-out losses pass False.
   """
   config = system.config
   trainable, w = stage_spec(config, stage)
   p = {n: params[n] if n in trainable else jax.lax.stop_gradient(params[n]) for n in params}
   rng_fm, rng_gumbel, rng_e2e_fm = jax.random.split(rng, 3)
+  rngs = dropout_rngs(rng, trainable if train else frozenset())
   metrics: dict[str, jax.Array] = {}
   total = jnp.zeros((), jnp.float32)
 
-  tok = system.tokenizer.apply({"params": p["tokenizer"]}, batch["mel"], batch["mel_mask"])
+  tok = system.tokenizer.apply({"params": p["tokenizer"]}, batch["mel"], batch["mel_mask"], rngs=rngs["tokenizer"])
   codes, indices, tmask = tok["codes"], tok["indices"], tok["mask"]
   if "tokenizer" not in trainable:
     codes = jax.lax.stop_gradient(codes)
@@ -68,7 +83,7 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     metrics["loss/usage"] = usage_total
     metrics.update({f"codes/{k}": v for k, v in usage_metrics.items()})
 
-  rm_apply = lambda c, m: system.rm.apply({"params": p["rm"]}, c, m)
+  rm_apply = lambda c, m: system.rm.apply({"params": p["rm"]}, c, m, rngs=rngs["rm"])
   labels = (batch["ctc_ids"], batch["ctc_mask"], batch["speaker"], batch["aux"])
 
   rm_out = None
@@ -83,7 +98,7 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   # The FM's speaker condition is the RM's embedding of the ground-truth tokens; it is a condition, not a target,
   # so it is detached (the RM learns speakers from its own loss).
   spk = None if rm_out is None else jax.lax.stop_gradient(rm_out["spk_embed"])
-  fm_apply = lambda *a: system.fm.apply({"params": p["fm"]}, *a)
+  fm_apply = lambda *a: system.fm.apply({"params": p["fm"]}, *a, rngs=rngs["fm"])
   if w["fm"]:
     fm_total, fm_metrics = flow_matching.fm_loss(fm_apply, rng_fm, batch["mel"], batch["mel_mask"],
                                                  codes_for["fm"], tmask, spk, config.fm)
@@ -92,7 +107,8 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     metrics.update({f"fm/{k}": v for k, v in fm_metrics.items()})
 
   if w["llm"] or any(w[t] for t in E2E_TERMS):
-    logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes_for["llm"], tmask)
+    logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes_for["llm"], tmask,
+                              rngs=rngs["llm"])
     llm_total, llm_metrics = llm_lib.llm_loss(logits, indices, tmask)
     metrics["loss/llm"] = llm_total
     metrics.update({f"llm/{k}": v for k, v in llm_metrics.items()})

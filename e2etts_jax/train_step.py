@@ -95,7 +95,7 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
 def make_eval_step(system: System, stage: str, mesh: Mesh, params_shardings: Any, batch_example: dict) -> Callable:
   """jit(eval)(params, batch, rng) -> metrics of the stage's loss function, no update."""
   def evaluate(params, batch, rng):
-    _, metrics = objectives.loss_fn(params, batch, rng, system=system, stage=stage)
+    _, metrics = objectives.loss_fn(params, batch, rng, system=system, stage=stage, train=False)
     return metrics
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
   rep = sharding.replicated(mesh)

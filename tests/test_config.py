@@ -91,6 +91,7 @@ RULES = [
     ("fm decoder", lambda c: setattr(c.fm, "decoder", "vocoder"), "fm.decoder='vocoder'"),
     ("conv taps even", lambda c: setattr(c.fm, "conv_kernel", 4), "fm.conv_kernel=4"),
     ("conv taps negative", lambda c: setattr(c.rm, "conv_kernel", -1), "rm.conv_kernel=-1"),
+    ("dropout of everything", lambda c: setattr(c.llm, "dropout", 1.0), "llm.dropout=1.0"),
     ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),
     ("buckets end", lambda c: setattr(c.data, "bucket_boundaries", (50, 100)), "data.max_frames"),
     ("buckets multiple", lambda c: setattr(c.data, "bucket_boundaries", (51, 100, 200)), "tokenizer.downsample"),

@@ -195,3 +195,18 @@ def test_conv_kernel_is_refused_for_causal_stacks():
   x = jnp.zeros((1, 4, 32))
   with pytest.raises(ValueError, match="conv_kernel is for bidirectional"):
     L.Transformer(_cfg(conv_kernel=3, causal=True)).init(jax.random.key(0), x, jnp.ones((1, 4), bool))
+
+
+def test_dropout_acts_only_given_a_dropout_rng():
+  x = jax.random.normal(jax.random.key(0), (2, 12, 32))
+  valid = jnp.ones((2, 12), bool)
+  plain, params = _init(_cfg(), x, valid)
+  params = params["params"]
+  dropped = L.Transformer(_cfg(dropout=0.3))
+  y = plain.apply({"params": params}, x, valid)[0]
+  # Without a 'dropout' rng (evaluation, generation) the stack is exactly the dropout-free function.
+  np.testing.assert_array_equal(dropped.apply({"params": params}, x, valid)[0], y)
+  train = lambda key: dropped.apply({"params": params}, x, valid, rngs={"dropout": jax.random.key(key)})[0]
+  np.testing.assert_array_equal(train(5), train(5))          # a pure function of its rng
+  assert float(jnp.max(jnp.abs(train(5) - y))) > 1e-2
+  assert float(jnp.max(jnp.abs(train(5) - train(6)))) > 1e-2

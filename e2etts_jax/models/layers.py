@@ -43,6 +43,7 @@ class TransformerConfig:
   dtype: DType = jnp.float32        # compute dtype; params are float32
   remat: str = "none"
   scan_unroll: int = 0              # layers per iteration of the layer loop; 0 = all (straight-line code)
+  dropout: float = 0.0              # residual dropout of each sub-layer's output; active only given a 'dropout' rng
 
   @property
   def head_dim(self) -> int:
@@ -53,7 +54,8 @@ class TransformerConfig:
     return cls(d_model=net_cfg.d_model, num_layers=net_cfg.num_layers, num_heads=net_cfg.num_heads,
                num_kv_heads=net_cfg.num_kv_heads, mlp_dim=net_cfg.mlp_dim, rope_base=model_cfg.rope_base,
                dtype=dtype_of(model_cfg.dtype), remat=model_cfg.remat,
-               scan_unroll=model_cfg.scan_unroll, conv_kernel=int(net_cfg.get("conv_kernel", 0)), **kw)
+               scan_unroll=model_cfg.scan_unroll, conv_kernel=int(net_cfg.get("conv_kernel", 0)),
+               dropout=float(net_cfg.get("dropout", 0.0)), **kw)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -265,6 +267,8 @@ class Block(nn.Module):
 
   Written in scan form: (x, layer_cache) -> (x, new_layer_cache); the other inputs are broadcast to all layers.
   x: [batch, length, d_model]; valid: [batch, length] bool; cond: [batch, d_model] (only with cfg.adaln).
+  Residual dropout (cfg.dropout) acts only when the caller's apply passes a 'dropout' rng: training passes one,
+  evaluation and generation do not, so the same params give the deterministic function everywhere else.
   """
   cfg: TransformerConfig
 
@@ -283,10 +287,11 @@ class Block(nn.Module):
       shift1 = scale1 = shift2 = scale2 = None
       gate1 = gate2 = 1.0
       norm = lambda name, h, shift, scale: RMSNorm(name=name)(h)
+    drop = lambda h: nn.Dropout(c.dropout, deterministic=not self.has_rng("dropout"))(h)
     h, cache = Attention(c, name="attn")(norm("attn_norm", x, shift1, scale1), mask, positions, cache,
                                          cache_index)
-    x = x + gate1 * h
-    x = x + gate2 * MLP(c, name="mlp")(norm("mlp_norm", x, shift2, scale2), valid)
+    x = x + gate1 * drop(h)
+    x = x + gate2 * drop(MLP(c, name="mlp")(norm("mlp_norm", x, shift2, scale2), valid))
     x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
     return x, cache
 
@@ -334,9 +339,10 @@ class Transformer(nn.Module):
     block = Block
     if c.remat != "none":
       block = nn.remat(Block, policy=_REMAT[c.remat], prevent_cse=False)
-    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+    stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                     in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                    length=c.num_layers, unroll=c.scan_unroll or c.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+                    length=c.num_layers, unroll=c.scan_unroll or c.num_layers,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
     x = nn.with_logical_constraint(x.astype(c.dtype), ("batch", "length", "act_embed"))
     x, cache = stack(c, name="layers")(x, cache, mask, valid, positions, cond, cache_index)
     return RMSNorm(name="final_norm")(x), cache
