@@ -360,7 +360,8 @@ def bench_step(config: ml_collections.ConfigDict, info: DataInfo, stage: str, ba
   del state
 
   def call():
-    holder["state"], metrics = compiled(holder["state"], batch, rng)   # the state is donated: keep the new one
+    # The state is donated: keep the new one. The compiled step takes the schedule's numbers as an argument.
+    holder["state"], metrics = compiled(holder["state"], batch, rng, step.schedule)
     return holder["state"], metrics
 
   jax.block_until_ready(call())   # the first warm-up call, outside the probe bracket

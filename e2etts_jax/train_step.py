@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from e2etts_jax import objectives, sharding
+from e2etts_jax import objectives, optim, sharding
 from e2etts_jax.system import System
 
 
 class TrainState(flax.struct.PyTreeNode):
-  step: jax.Array            # steps taken in the current stage (drives the LR schedule)
+  step: jax.Array            # steps taken in the current stage (the LR follows the optimizer's count of updates)
   params: Any                # {'tokenizer', 'llm', 'fm', 'rm'}
   opt_state: Any
   bad_steps: jax.Array       # consecutive non-finite steps (skipped updates)
@@ -62,16 +62,17 @@ def global_norm_per_network(grads: dict) -> dict:
 
 
 def make_train_step(system: System, tx: optax.GradientTransformation, stage: str, mesh: Mesh,
-                    shard_tree: TrainState, batch_example: dict) -> Callable:
+                    shard_tree: TrainState, batch_example: dict) -> "TrainStep":
   """jit(step)(state, batch, rng) -> (state, metrics). Non-finite loss/grads skip the update and are counted."""
   loss = functools.partial(objectives.loss_fn, system=system, stage=stage)
   trainable = objectives.stage_spec(system.config, stage)[0]
+  tx = optax.with_extra_args_support(tx)   # a plain optax transform (tests) ignores `schedule`
 
-  def step(state: TrainState, batch: dict, rng: jax.Array):
+  def step(state: TrainState, batch: dict, rng: jax.Array, schedule: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
     (total, metrics), grads = jax.value_and_grad(loss, has_aux=True)(state.params, batch, rng)
     norms = global_norm_per_network(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, schedule=schedule)
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(total) & jnp.all(jnp.stack([jnp.isfinite(v) for v in norms.values()]))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
@@ -88,8 +89,26 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
 
   batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch_example.items()}
   rep = sharding.replicated(mesh)
-  return jax.jit(step, in_shardings=(shard_tree, batch_sh, rep), out_shardings=(shard_tree, rep),
-                 donate_argnums=(0,))
+  jitted = jax.jit(step, in_shardings=(shard_tree, batch_sh, rep, rep), out_shardings=(shard_tree, rep),
+                   donate_argnums=(0,))
+  # The schedule's numbers are an argument, not constants of the program: a run or test with another learning
+  # rate or stage length compiles nothing new (the persistent compilation cache keys on the program).
+  return TrainStep(jitted, optim.schedule_values(system.config, stage))
+
+
+class TrainStep:
+  """step(state, batch, rng) -> (state, metrics): the jitted step(state, batch, rng, schedule) with this stage's
+  schedule numbers (optim.schedule_values). `lower(state, batch, rng)` lowers it; the compiled program takes
+  the schedule as its fourth argument: `compiled(state, batch, rng, step.schedule)`."""
+
+  def __init__(self, jitted: Callable, schedule):
+    self.jitted, self.schedule = jitted, schedule
+
+  def __call__(self, state: TrainState, batch: dict, rng: jax.Array):
+    return self.jitted(state, batch, rng, self.schedule)
+
+  def lower(self, state, batch, rng):
+    return self.jitted.lower(state, batch, rng, self.schedule)
 
 
 def make_eval_step(system: System, stage: str, mesh: Mesh, params_shardings: Any, batch_example: dict) -> Callable:

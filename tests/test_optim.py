@@ -2,6 +2,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 from e2etts_jax import optim
 
@@ -49,3 +51,36 @@ def test_schedule_warms_up_then_decays_to_a_tenth(tiny_config):
   np.testing.assert_allclose(float(lr(10)), 1e-3, rtol=1e-6)
   np.testing.assert_allclose(float(lr(100)), 1e-4, rtol=1e-6)
   assert float(lr(55)) < 1e-3
+
+
+@pytest.mark.parametrize("steps, warmup", [(100, 10), (24, 1), (5, 0), (3, 5)])
+def test_schedule_matches_optax_warmup_cosine(tiny_config, steps, warmup):
+  s = tiny_config.train.stage1
+  s.steps, s.warmup_steps, s.learning_rate = steps, warmup, 2e-3
+  ref = optax.warmup_cosine_decay_schedule(0.0, 2e-3, warmup, max(steps, warmup + 1), end_value=2e-4)
+  ours = optim.schedule(tiny_config, "stage1")
+  np.testing.assert_allclose([float(ours(i)) for i in range(steps + 5)], [float(ref(i)) for i in range(steps + 5)],
+                             rtol=1e-5, atol=1e-10)
+
+
+def test_the_schedule_argument_overrides_the_configs_and_the_state_is_adamws(tiny_config):
+  c = tiny_config
+  c.train.stage1.trainable = "tokenizer,llm,fm,rm"
+  tx = optim.make_optimizer(c, "stage1")
+  params = _params()
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+  # The state tree is optax.adamw's (with a schedule) under the per-network clip: checkpoints restore either way.
+  adamw = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(lambda n: 1e-3, mask=optim._decay_mask))
+  reference = optax.multi_transform({n: adamw for n in optim.NETWORKS},
+                                   lambda p: {n: jax.tree.map(lambda _: n, p[n]) for n in p})
+  assert jax.tree.structure(tx.init(params)) == jax.tree.structure(reference.init(params))
+  state = tx.update(grads, tx.init(params), params)[1]        # count 1: past the 1-step warm-up below
+  values = np.array([0.5, 1, 10], np.float32)
+  updates, _ = tx.update(grads, state, params, schedule=values)
+  plain = optax.with_extra_args_support(optax.chain(optax.clip_by_global_norm(c.train.grad_clip), optax.adamw(
+      optax.warmup_cosine_decay_schedule(0.0, 0.5, 1, 10, end_value=0.05), b1=c.train.b1, b2=c.train.b2,
+      weight_decay=c.train.weight_decay, mask=optim._decay_mask)))
+  pstate = plain.update(grads, plain.init(params), params)[1]
+  expected = plain.update(grads, pstate, params)[0]
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(a, b, rtol=1e-6)

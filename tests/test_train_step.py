@@ -76,6 +76,28 @@ def test_sharded_step_matches_single_device_params(system):
       assert np.max(np.abs(np.asarray(a) - np.asarray(b))) <= 1e-4 * np.max(np.abs(update)) + 1e-9, shape
 
 
+def test_the_step_program_does_not_depend_on_the_schedule(system):
+  """Learning rate, warm-up and stage length are arguments of the compiled step, not constants in it: runs and
+  tests that differ only in them share one program (and its persistent-cache entry)."""
+  c = system.config
+  # An LLM-only stage: the smallest program to lower.
+  c.train.stage2.update(trainable="llm", weights={**c.train.stage2.weights, "fm": 0.0, "rm": 0.0})
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  batch = system.random_batch(4, 100, seed=0)
+
+  def program(lr, warmup, steps):
+    c.train.stage2.update(learning_rate=lr, warmup_steps=warmup, steps=steps)
+    tx = optim.make_optimizer(c, "stage2")
+    abstract, sh = train_step.state_shardings(system, tx, mesh)
+    return train_step.make_train_step(system, tx, "stage2", mesh, sh, batch).lower(
+        abstract, batch, jax.random.key(0)).as_text()
+
+  reference = program(1e-3, 10, 100)
+  assert program(3e-4, 2, 7) == reference
+  c.train.weight_decay = 0.5      # the rest of the optimizer still shapes the program
+  assert program(1e-3, 10, 100) != reference
+
+
 def _trained_like_params(system, rng):
   @jax.jit   # eager init and per-leaf noise dispatch op by op: ~50 s on 2 cores, against ~5 s compiled
   def make(rng):
