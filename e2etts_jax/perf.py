@@ -29,9 +29,16 @@ def enable_compilation_cache(path: str | None = None) -> str:
 
   The joint step of even the tiny config takes tens of seconds to compile on a 2-core CPU; reruns, resumed
   jobs and the test suite then load it in seconds. Correctness is unaffected: entries are keyed by the program.
+
+  Multi-process runs (call this after `jax.distributed.initialize`) use a subdirectory per process count. JAX's
+  key does not tell a program over one process's 4 CPU devices from the same program over 2 processes x 2
+  devices, and the multi-process run that loads the single-process executable fails in its first cross-process
+  collective (a Gloo connect timeout).
   """
   import os
   path = path or os.environ.get("E2ETTS_XLA_CACHE") or os.path.expanduser("~/.cache/e2etts_jax/xla")
+  if jax.distributed.is_initialized():
+    path = os.path.join(path, f"{jax.process_count()}-processes")
   os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

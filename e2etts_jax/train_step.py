@@ -93,7 +93,11 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
                    donate_argnums=(0,))
   # The schedule's numbers are an argument, not constants of the program: a run or test with another learning
   # rate or stage length compiles nothing new (the persistent compilation cache keys on the program).
-  return TrainStep(jitted, optim.schedule_values(system.config, stage))
+  values = optim.schedule_values(system.config, stage)
+  # One global replicated array, made once from each process's own copy: a host array passed at every call would
+  # be transferred (across processes) at every step.
+  schedule = jax.make_array_from_callback(values.shape, rep, lambda index: values[index])
+  return TrainStep(jitted, schedule)
 
 
 class TrainStep:

@@ -224,3 +224,5 @@ def test_two_processes_agree_on_the_global_loss(tiny_shards, tmp_path):
     assert p.returncode == 0, err[-3000:]
   losses = [float(out.split("loss/total=")[1].split(",")[0]) for out, _ in outs]
   assert np.isfinite(losses[0]) and losses[0] == losses[1]
+  # Their compiled programs are cached apart from single-process ones (perf.enable_compilation_cache).
+  assert any(f.startswith("jit_step") for f in os.listdir(os.path.join(os.environ["E2ETTS_XLA_CACHE"], "2-processes")))

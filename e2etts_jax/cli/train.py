@@ -23,9 +23,9 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)   # keep Orbax's per-save INFO lines off the progress bar
   from e2etts_jax import distributed, perf
-  perf.enable_compilation_cache()
   if distributed.wanted(_DISTRIBUTED.value):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  perf.enable_compilation_cache()   # after initialize: multi-process runs keep their own entries
   from e2etts_jax import config_lib, trainer
   config = _CONFIG.value
   try:
