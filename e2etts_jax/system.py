@@ -60,6 +60,12 @@ class System:
     self.rm = RewardModel(config, num_ctc_classes=info.num_ctc_classes, num_speakers=info.num_speakers,
                           num_aux=info.num_aux)
 
+  def _looped_layers(self) -> "System":
+    """This system with a one-layer-per-iteration layer loop (same parameters, cheaper to compile)."""
+    config = self.config.copy_and_resolve_references()
+    config.model.scan_unroll = 1
+    return System(config, self.info)
+
   def dummy_batch(self, batch_size: int = 1, frames: int | None = None) -> dict:
     """Zeros in the batch format of `input_pipeline` (only shapes matter: used for init and tracing)."""
     c = self.config
@@ -104,7 +110,17 @@ class System:
     }
 
   def init(self, rng: jax.Array) -> dict:
-    """Boxed (logically annotated) parameters {'tokenizer', 'llm', 'fm', 'rm'}; wrap in eval_shape to size."""
+    """Boxed (logically annotated) parameters {'tokenizer', 'llm', 'fm', 'rm'}; wrap in eval_shape to size.
+
+    The layer stacks are initialised one layer per loop iteration whatever `model.scan_unroll` says: the values are
+    the same (nn.scan splits the layers' keys before it loops), and the init program compiles each layer's
+    parameter draws once instead of once per layer (`mini`: 19 s -> 15 s of compile time on a CPU core).
+    """
+    looped = self if self.config.model.scan_unroll == 1 else self._looped_layers()
+    return looped.init_as_configured(rng)
+
+  def init_as_configured(self, rng: jax.Array) -> dict:
+    """`init` with the layer loop `model.scan_unroll` configures (the same parameters)."""
     b = self.dummy_batch()
     r_tok, r_llm, r_fm, r_rm = jax.random.split(rng, 4)
     d = self.fsq.dim
