@@ -51,7 +51,7 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.stage3.steps": 75,
     # 75 steps at the config's 1e-4 barely move stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3
     # seeds); from the same stage-2 checkpoints, 3e-4 lowers every stage-3 term in all 3 seeds, each further than
-    # 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raises the E2E speaker loss again in 1 of 2.
+    # 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raises the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
     "train.stage3.learning_rate": 3e-4,
     "train.log_every": 10,
     "train.eval_every": 50,       # held-out losses: 4 forward batches, ~2 s each time
