@@ -11,9 +11,9 @@ import sys
 #   (25 s -> 8 s of CPU time) for steps ~30% slower (155 -> 199 ms), and give bit-equal losses.
 # - One LLVM module instead of XLA's parallel codegen split: a quarter less compile CPU time (the tiny joint step on
 #   one core: 10.0 s -> 7.0 s; the whole suite on 2 workers, cold caches: 935 s -> 830 s); the split only pays on
-#   idle cores, and the two test workers keep both busy. Losses
-#   are bit-equal over 3 steps; the parameters then differ in the last bits (sum of |params| 17585.63168215 vs
-#   17585.63168228), so a test compares runs made under the same flags, as every test here does.
+#   idle cores, and the two test workers keep both busy. Losses are bit-equal over 3 steps; the parameters then
+#   differ in the last bits (sum of |params| 17585.63168215 vs 17585.63168228), so a test compares runs made under
+#   the same flags, as every test here does.
 FAST_COMPILE_CANDIDATES = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true",
                            "--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
 
