@@ -10,7 +10,7 @@ import sys
 # - XLA:CPU's MLIR fusion emitters cost ~3x the classic elemental emitters' compile time on the tiny joint step
 #   (25 s -> 8 s of CPU time) for steps ~30% slower (155 -> 199 ms), and give bit-equal losses.
 # - One LLVM module instead of XLA's parallel codegen split: a quarter less compile CPU time (the tiny joint step on
-#   one core: 10.0 s -> 7.0 s; the whole suite on 2 workers, cold caches: 935 s -> 830 s); the split only pays on
+#   one core: 10.0 s -> 7.0 s; the whole suite on 2 workers, cold XLA cache: 935 s -> 830 s); the split only pays on
 #   idle cores, and the two test workers keep both busy. Losses are bit-equal over 3 steps; the parameters then
 #   differ in the last bits (sum of |params| 17585.63168215 vs 17585.63168228), so a test compares runs made under
 #   the same flags, as every test here does.
