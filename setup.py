@@ -25,8 +25,8 @@ EXTRAS = {
     "tpu": ["jax[tpu]>=0.10.2"],
     "cuda": ["jax[cuda12]>=0.10.2"],
     "eval": ["pocketsphinx>=5.0"],
-    "dev": ["pytest>=8", "pytest-xdist>=3.5", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29",
-            "pocketsphinx>=5.0"],
+    "dev": ["pytest>=8", "pytest-xdist>=3.5", "threadpoolctl>=3.1", "nbclient>=0.10", "nbformat>=5.10",
+            "ipykernel>=6.29", "pocketsphinx>=5.0"],
 }
 
 setup(

@@ -81,8 +81,11 @@ def log_mel(wav: np.ndarray, audio_cfg) -> np.ndarray:
   padded = np.pad(wav, (pad, pad), mode="reflect")
   spec = np.abs(librosa.stft(padded, n_fft=audio_cfg.n_fft, hop_length=audio_cfg.hop_length,
                              win_length=audio_cfg.win_length, window="hann", center=False))
-  mel = mel_basis(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.n_mels, audio_cfg.fmin,
-                  audio_cfg.fmax) @ spec
+  # In float64: a float32 BLAS product sums in an order that depends on the thread count, so the same wav gave
+  # bitwise different mels on 1 and 2 cores; float64 error is far below float32 rounding, so the cast back is the
+  # same whatever the threads (tests/test_audio.py runs both).
+  basis = mel_basis(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.n_mels, audio_cfg.fmin, audio_cfg.fmax)
+  mel = (basis.astype(np.float64) @ spec.astype(np.float64)).astype(np.float32)
   frames = num_frames(wav.shape[0], audio_cfg)
   return np.log(np.maximum(mel[:, :frames], audio_cfg.log_floor)).T.astype(np.float32)
 
@@ -102,16 +105,24 @@ def spectral_envelope(log_mel_frames: np.ndarray, n_coeffs: int) -> np.ndarray:
   return scipy.fft.idct(c, type=2, axis=-1, norm="ortho").astype(np.float32)
 
 
+def mel_to_magnitude(log_mel_frames: np.ndarray, audio_cfg) -> np.ndarray:
+  """The non-negative least-squares linear magnitude under `log_mel`'s filterbank: [frames, n_mels] ->
+  [n_fft // 2 + 1, frames] float32, what Griffin-Lim takes.
+
+  librosa.util.nnls starts L-BFGS-B from exactly this clipped pseudo-inverse and, on these float32 mels, stops
+  there (tones, speech-like and noise mels of any level; tests/test_vocoder.py checks it), after ~2.5 s per 20 s of
+  audio: the clipped pinv is the same solution for the cost of one matmul (in float64, as log_mel's, so the result
+  does not depend on the BLAS thread count).
+  """
+  mel = np.exp(np.asarray(log_mel_frames, np.float32)).T
+  inv = mel_inverse(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.n_mels, audio_cfg.fmin, audio_cfg.fmax)
+  return np.maximum((inv.astype(np.float64) @ mel.astype(np.float64)).astype(np.float32), 0.0)
+
+
 def mel_to_wav_griffin_lim(log_mel_frames: np.ndarray, audio_cfg, n_iter: int | None = None,
                            seed: int = 0) -> np.ndarray:
-  """Inverse of `log_mel` by clipped mel pseudo-inverse + Griffin-Lim: [frames, n_mels] -> [frames * hop] samples."""
-  mel = np.exp(np.asarray(log_mel_frames, np.float32)).T
-  # The non-negative least-squares magnitude. librosa.util.nnls starts L-BFGS-B from exactly this clipped
-  # pseudo-inverse and, on these float32 mels, stops there (bit-identical on tones, speech-like and noise mels of
-  # any level; tests/test_vocoder.py checks it), after ~2.5 s per 20 s of audio: the clipped pinv is the same
-  # solution for the cost of one matmul.
-  inv = mel_inverse(audio_cfg.sample_rate, audio_cfg.n_fft, audio_cfg.n_mels, audio_cfg.fmin, audio_cfg.fmax)
-  spec = np.maximum(inv @ mel, 0.0)
+  """Inverse of `log_mel` by `mel_to_magnitude` + Griffin-Lim: [frames, n_mels] -> [frames * hop] samples."""
+  spec = mel_to_magnitude(log_mel_frames, audio_cfg)
   wav = librosa.griffinlim(spec, n_iter=n_iter or audio_cfg.griffin_lim_iters,
                            hop_length=audio_cfg.hop_length, win_length=audio_cfg.win_length,
                            n_fft=audio_cfg.n_fft, window="hann", center=False, init="random",

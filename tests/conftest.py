@@ -62,7 +62,7 @@ from e2etts_jax import perf
 os.environ.setdefault("E2ETTS_XLA_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "xla"))
 perf.enable_compilation_cache(os.environ["E2ETTS_XLA_CACHE"])
 
-from e2etts_jax import audio, config_lib
+from e2etts_jax import config_lib
 from e2etts_jax.models import vocoder as vocoder_lib
 
 
@@ -126,26 +126,8 @@ def tiny_train_config(shards: str, steps=(12, 6, 6), mode: str = "e2e"):
 FAST_VOCODER = "test_fast_griffin_lim"
 
 
-class FastVocoder:
-  """The vocoder interface with the default's clipped mel pseudo-inverse but 4 Griffin-Lim iterations instead of
-  32 (the tests check plumbing, not audio quality)."""
-
-  def __init__(self, config):
-    self.cfg, self.sample_rate = config.audio, int(config.audio.sample_rate)
-    self.pinv = np.linalg.pinv(audio.mel_basis(self.cfg.sample_rate, self.cfg.n_fft, self.cfg.n_mels,
-                                               self.cfg.fmin, self.cfg.fmax))
-
-  def __call__(self, log_mel):
-    import librosa
-    c = self.cfg
-    spec = np.maximum(self.pinv @ np.exp(np.asarray(log_mel, np.float32)).T, 0.0)
-    wav = librosa.griffinlim(spec, n_iter=4, hop_length=c.hop_length, win_length=c.win_length, n_fft=c.n_fft,
-                             window="hann", center=False, random_state=0)
-    n = log_mel.shape[0] * c.hop_length
-    return np.pad(wav, (0, max(0, n - wav.shape[0])))[:n].astype(np.float32)
-
-
-vocoder_lib.register_vocoder(FAST_VOCODER, FastVocoder)
+# The default vocoder with 4 Griffin-Lim iterations instead of 32 (the tests check plumbing, not audio quality).
+vocoder_lib.register_vocoder(FAST_VOCODER, lambda config: vocoder_lib.GriffinLimVocoder(config.audio, n_iter=4))
 
 
 @pytest.fixture(scope="session")

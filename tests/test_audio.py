@@ -70,3 +70,24 @@ def test_spectral_envelope_removes_the_harmonic_ripple_only():
   np.testing.assert_allclose(mel - audio.spectral_envelope(mel, 20), np.broadcast_to(ripple, mel.shape), atol=1e-4)
   with pytest.raises(ValueError, match="n_coeffs"):
     audio.spectral_envelope(mel, 0)
+
+
+def test_mel_and_its_inverse_do_not_depend_on_the_blas_thread_count():
+  """Data preparation and evaluation may run on any number of cores: the same wav must give the same log-mel and
+  the same Griffin-Lim magnitude bit for bit (a float32 BLAS product does not: its summation order follows the
+  thread count)."""
+  import threadpoolctl
+  from e2etts_jax import config_lib
+  from tests.conftest import sine_wave
+  a = config_lib.get_config("small").audio
+  wav = sine_wave(20.0, a.sample_rate, freq=130.0)   # long enough that the products are split across threads
+  out = {}
+  for threads in (1, 2):
+    with threadpoolctl.threadpool_limits(limits=threads, user_api="blas"):
+      if threads == 2 and max(i["num_threads"] for i in threadpoolctl.threadpool_info()
+                              if i["user_api"] == "blas") < 2:
+        pytest.skip("this BLAS runs one thread only")
+      mel = audio.log_mel(wav, a)
+      out[threads] = (mel, audio.mel_to_magnitude(mel, a))
+  np.testing.assert_array_equal(out[1][0], out[2][0])
+  np.testing.assert_array_equal(out[1][1], out[2][1])
