@@ -358,7 +358,7 @@ def test_synthesize_callback_writes_wavs_and_rescoring_matches(corpus, pocketsph
   assert "## Comparison" in (tmp_path / "rescore" / "report.md").read_text()
 
 
-def test_ceiling_mode_with_roundtrip(corpus, pocketsphinx_asr, tmp_path):
+def test_ceiling_mode_with_roundtrip(corpus, pocketsphinx_asr, tmp_path, capsys):
   items = metalist.read_metalist(str(corpus / "meta.lst"))[:2]
   calls = []
 
@@ -366,10 +366,12 @@ def test_ceiling_mode_with_roundtrip(corpus, pocketsphinx_asr, tmp_path):
     calls.append(sr)
     return 0.5 * wav, sr
 
-  ceil = harness.evaluate(items, str(tmp_path / "ceil"), ceiling=True, roundtrip=roundtrip, asr=pocketsphinx_asr,
-                          n_resamples=200, num_mel_plots=0, progress=False)
+  ceil = harness.evaluate(items, str(tmp_path / "resynthesis"), ceiling=True, roundtrip=roundtrip,
+                          asr=pocketsphinx_asr, n_resamples=200, num_mel_plots=0, progress=True)
   assert calls == [16000, 16000] and ceil["meta"]["mode"] == "ceiling"
-  assert (tmp_path / "ceil" / "wavs" / f"{items[0].utt}.wav").exists()
+  assert (tmp_path / "resynthesis" / "wavs" / f"{items[0].utt}.wav").exists()
+  # The progress bar names the run by its folder (here a roundtrip, as the main job's resynthesis), not its mode.
+  assert "eval[resynthesis]" in capsys.readouterr().err
   assert ceil["summary"]["duration_ratio"]["mean"] == pytest.approx(1.0, abs=1e-3)
   # A fake "system" result with double the ceiling's WER reports a ratio of 2.
   system = {"summary": {"wer": {"mean": 2 * ceil["summary"]["wer"]["mean"]}}}

@@ -194,7 +194,9 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, *, synthesize: SynthesizeF
 
   run = _Run(out_dir, synthesize, wavs_dir, ceiling, roundtrip, speaker_encoder)
   rows, wer_sum = [], 0.0
-  bar = tqdm.tqdm(items, desc=f"eval[{modes[0]}]", unit="utt", disable=not progress)
+  # Named by the output folder, not the mode: the main job's resynthesis is a ceiling-mode run with a roundtrip.
+  bar = tqdm.tqdm(items, desc=f"eval[{os.path.basename(os.path.normpath(out_dir))}]", unit="utt",
+                  disable=not progress)
   for item in bar:
     row: dict = {"utt": item.utt, "status": "failed", "error": None, "target_text": item.target_text,
                  "prompt_wav": item.prompt_wav, "gt_wav": item.gt_wav, "wav_path": None, "synth_s": None}
