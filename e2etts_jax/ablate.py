@@ -21,6 +21,9 @@ Variants (same config, data and eval items; the same total step budget unless na
   detached_tokens        stage 1 trains all four networks exactly as e2e, but only the RM's loss reaches the
                          tokenizer (train.stage1.token_grads='rm'): the token-space question with every network
                          trained for the same steps (recognition_tokenizer's FM and LLM miss stage 1)
+  recognition_tokenizer_equal_flops
+                         recognition_tokenizer with stage 2 lengthened to e2e's analytic training FLOPs: the
+                         tokenizer question at equal compute (its FM and LLM get the stage-1 FLOPs back as steps)
   no_usage               e2e without the tokenizer's code-usage term (what the anti-collapse term buys)
   no_prior               e2e with neither the FM's token encoder nor its prior-mel loss (what they buy)
 """
@@ -47,23 +50,28 @@ def _recognition_tokenizer(c: ml_collections.ConfigDict) -> None:
   c.train.stage1.weights.update(rm=1.0, usage=usage)
 
 
-def _cascaded_equal_flops(c: ml_collections.ConfigDict) -> None:
-  from e2etts_jax import flops
-  from e2etts_jax.system import DataInfo
-  info = DataInfo.for_config(c)
-  target = flops.train_flops(c, info)   # c is the study's (e2e) config
-  config_lib.make_cascaded(c)
-  c.train.stage2.steps = 0
-  rest = target - flops.train_flops(c, info)
-  batch, frames = int(c.data.batch_size), int(c.data.max_frames)
-  c.train.stage2.steps = max(1, round(rest / flops.step_flops(c, info, batch, frames, "stage2")))
+def _equal_flops(make: Callable[[ml_collections.ConfigDict], None]) -> Callable[[ml_collections.ConfigDict], None]:
+  """The variant `make`, its stage 2 set to the steps that bring its analytic training FLOPs to the study (e2e)
+  config's: the same compute rather than the same steps (stage 2 is where both cheaper variants train LLM + FM)."""
+  def apply(c: ml_collections.ConfigDict) -> None:
+    from e2etts_jax import flops
+    from e2etts_jax.system import DataInfo
+    info = DataInfo.for_config(c)
+    target = flops.train_flops(c, info)   # c is the study's (e2e) config
+    make(c)
+    c.train.stage2.steps = 0
+    rest = target - flops.train_flops(c, info)
+    batch, frames = int(c.data.batch_size), int(c.data.max_frames)
+    c.train.stage2.steps = max(1, round(rest / flops.step_flops(c, info, batch, frames, "stage2")))
+  return apply
 
 
 VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "e2e": lambda c: None,
     "cascaded": config_lib.make_cascaded,
-    "cascaded_equal_flops": _cascaded_equal_flops,
+    "cascaded_equal_flops": _equal_flops(config_lib.make_cascaded),
     "recognition_tokenizer": _recognition_tokenizer,
+    "recognition_tokenizer_equal_flops": _equal_flops(_recognition_tokenizer),
     "detached_tokens": lambda c: setattr(c.train.stage1, "token_grads", "rm"),
     "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
     "no_prior": lambda c: c.fm.update(encoder_layers=0, prior_weight=0.0),
@@ -78,6 +86,12 @@ CLAIMS = (
     ("e2e", "cascaded", "resynthesis"),
     ("e2e", "recognition_tokenizer", "resynthesis"),
     ("e2e", "recognition_tokenizer", "tts"),
+    ("e2e", "recognition_tokenizer", "mel_mse"),
+    ("e2e", "recognition_tokenizer", "speaker_miss"),
+    ("e2e", "recognition_tokenizer_equal_flops", "resynthesis"),
+    ("e2e", "recognition_tokenizer_equal_flops", "tts"),
+    ("e2e", "recognition_tokenizer_equal_flops", "mel_mse"),
+    ("e2e", "recognition_tokenizer_equal_flops", "speaker_miss"),
     ("e2e", "detached_tokens", "resynthesis"),
     ("e2e", "detached_tokens", "tts"),
     ("e2e", "detached_tokens", "mel_mse"),

@@ -44,6 +44,13 @@ def test_variant_configs_change_only_what_they_name():
   assert equal.train.stage2.steps > cas.train.stage2.steps   # a cascade's stage-1 step is cheaper than e2e's
   equal.train.stage2.steps = cas.train.stage2.steps
   assert equal.to_dict() == cas.to_dict()
+  # The same for the recognition-only tokenizer: only its stage 2 grows, to e2e's FLOPs.
+  rec_equal = ablate.variant_config(base, "recognition_tokenizer_equal_flops", 0)
+  rec_step2 = flops.step_flops(rec_equal, info, base.data.batch_size, base.data.max_frames, "stage2")
+  assert abs(flops.train_flops(rec_equal, info) - flops.train_flops(base, info)) <= rec_step2 / 2
+  assert rec_equal.train.stage2.steps > rec.train.stage2.steps
+  rec_equal.train.stage2.steps = rec.train.stage2.steps
+  assert rec_equal.to_dict() == rec.to_dict()
   for v in ablate.VARIANTS:
     config_lib.validate(ablate.variant_config(base, v, 0), 1)
   with pytest.raises(ValueError, match="unknown variant 'e2f'"):
