@@ -18,6 +18,7 @@ import time
 from typing import Any, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -56,13 +57,30 @@ def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag the loop polls, so the step in flight finishes and a checkpoint is written."""
+  """When to stop early for a SIGTERM (a preemption notice), so the step in flight finishes and a checkpoint is
+  written.
+
+  One process: a Python handler turns the first SIGTERM into a flag the loop polls; it then puts the previous
+  handler back, so a second SIGTERM acts as it would without us (by default: terminate now, e.g. during a long
+  compile). Several processes: every step and the save are collective, so all must stop after the same step, while
+  a scheduler may notify one host or each at a different step. There the stop is JAX's preemption sync point: the
+  SIGTERM handler `jax.distributed.initialize` installs reports the notice to the coordination service, which picks
+  the step after the furthest process's current one, and `reached(step)` turns true on every process at that step.
+  """
 
   def __init__(self):
     self.requested = False
     self._old = None
+    self._synced = False
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      # A Python handler would replace JAX's notifier; without the service (jax_enable_preemption_service off),
+      # SIGTERM keeps its default action: the processes stop at once, and resume from the last checkpoint.
+      self._synced = bool(jax.config.jax_enable_preemption_service)
+      if not self._synced:
+        log.warning("jax_enable_preemption_service is off: SIGTERM stops this run without a checkpoint")
+      return self
     try:
       self._old = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler, nothing to restore
@@ -71,6 +89,15 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     self.requested = True
+    # getsignal() is None for a handler installed outside Python; the default action is then the honest fallback.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL if self._old is None else self._old)
+    self._old = None
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop after global `step`; call it after every step, with the same steps on every process."""
+    if self._synced and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def __exit__(self, *exc):
     if self._old is not None:
@@ -224,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         # Metrics are read one step late, so the host never waits on the step it just dispatched.
         logger.push((global_step, metrics, batch["mel"].shape[0], frames))
         meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
-        stopping = preemption.requested or (stop_after is not None and global_step >= stop_after)
+        stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
         if global_step == first + steps or (config.train.eval_every and
                                             (global_step - first) % config.train.eval_every == 0):
           held_out(stage, global_step, state.params, shard_tree.params)

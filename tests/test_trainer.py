@@ -209,19 +209,45 @@ def test_sigterm_saves_and_exits_cleanly(tiny_shards, tmp_path):
   assert steps[-1] == stopped_at
 
 
-def test_two_processes_agree_on_the_global_loss(tiny_shards, tmp_path):
+def test_a_second_sigterm_acts_as_without_the_trainer():
+  """The first SIGTERM only asks the loop to stop after its step; the handler from before the run is back for the
+  next one (by default: terminate, for a run stuck in a long compile)."""
+  before = []
+  previous = signal.signal(signal.SIGTERM, lambda *_: before.append(1))
+  try:
+    with trainer._Preemption() as preemption:
+      assert not preemption.reached(1)
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)   # Python runs the handler between bytecodes of the main thread
+      assert preemption.reached(2) and before == []
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.05)
+      assert before == [1]
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_two_processes_agree_on_the_global_loss_and_on_where_a_preemption_stops_them(tiny_shards, tmp_path):
   port = 20000 + os.getpid() % 20000
+  workdir = str(tmp_path / "run")
   procs = []
   for i in range(2):
     env = _env(devices=2)
     env.update(E2ETTS_COORDINATOR=f"127.0.0.1:{port}", E2ETTS_NUM_PROCESSES="2", E2ETTS_PROCESS_ID=str(i))
-    cmd = _train_cmd(tiny_shards, str(tmp_path / "run"), steps=3)
+    cmd = _train_cmd(tiny_shards, workdir, steps=2000)
     cmd = [a for a in cmd if not a.startswith("--distributed") and not a.startswith("--config.mesh")]
     procs.append(subprocess.Popen(cmd + ["--distributed=on", "--config.mesh.data=-1"], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  _wait_for_checkpoint(workdir, 2, procs[0])
+  # Only one host is notified: every step and the save are collective, so both must stop after the same step.
+  procs[0].send_signal(signal.SIGTERM)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
+  stops = [int(out.split("preempted, checkpoint saved: step ")[1].split(",")[0]) for out, _ in outs]
+  assert stops[0] == stops[1] and 2 <= stops[0] < 2000
+  steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert steps[-1] == stops[0]
   losses = [float(out.split("loss/total=")[1].split(",")[0]) for out, _ in outs]
   assert np.isfinite(losses[0]) and losses[0] == losses[1]
   # Their compiled programs are cached apart from single-process ones (perf.enable_compilation_cache).
