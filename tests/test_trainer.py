@@ -227,6 +227,13 @@ def test_a_second_sigterm_acts_as_without_the_trainer():
     signal.signal(signal.SIGTERM, previous)
 
 
+def _read_and_close(f):
+  f.seek(0)
+  text = f.read()
+  f.close()
+  return text
+
+
 def test_two_processes_agree_on_the_global_loss_and_on_where_a_preemption_stops_them(tiny_shards, tmp_path):
   port = 20000 + os.getpid() % 20000
   workdir = str(tmp_path / "run")
@@ -236,14 +243,19 @@ def test_two_processes_agree_on_the_global_loss_and_on_where_a_preemption_stops_
     env.update(E2ETTS_COORDINATOR=f"127.0.0.1:{port}", E2ETTS_NUM_PROCESSES="2", E2ETTS_PROCESS_ID=str(i))
     cmd = _train_cmd(tiny_shards, workdir, steps=2000)
     cmd = [a for a in cmd if not a.startswith("--distributed") and not a.startswith("--config.mesh")]
-    procs.append(subprocess.Popen(cmd + ["--distributed=on", "--config.mesh.data=-1"], env=env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  _wait_for_checkpoint(workdir, 2, procs[0])
+    # Files, not pipes: nobody reads a pipe while the processes train, and a full one would stall a process.
+    logs = [open(tmp_path / f"{name}{i}.txt", "w+") for name in ("out", "err")]
+    procs.append((subprocess.Popen(cmd + ["--distributed=on", "--config.mesh.data=-1"], env=env, stdout=logs[0],
+                                   stderr=logs[1], text=True), logs))
+  _wait_for_checkpoint(workdir, 2, procs[0][0])
   # Only one host is notified: every step and the save are collective, so both must stop after the same step.
-  procs[0].send_signal(signal.SIGTERM)
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (out, err) in zip(procs, outs):
+  procs[0][0].send_signal(signal.SIGTERM)
+  outs = []
+  for p, logs in procs:
+    p.wait(timeout=900)
+    out, err = [_read_and_close(f) for f in logs]
     assert p.returncode == 0, err[-3000:]
+    outs.append((out, err))
   stops = [int(out.split("preempted, checkpoint saved: step ")[1].split(",")[0]) for out, _ in outs]
   assert stops[0] == stops[1] and 2 <= stops[0] < 2000
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
