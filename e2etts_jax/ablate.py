@@ -124,6 +124,17 @@ def _metric(system: str) -> Callable[[Mapping], Optional[float]]:
   return lambda r: r["ratio"].get(system)
 
 
+def _per_utterance(r: Mapping, system: str) -> dict[str, float]:
+  """{utt: figure} that a claim's utterance bootstrap pairs: the WER in % for a system, the resynthesis mel error
+  for MEL_MSE (runs saved before it have none), nothing for SPEAKER_MISS (a hit or miss per output)."""
+  if system == MEL_MSE:
+    return dict(r.get("per_utterance_mel_mse") or {})
+  if system == SPEAKER_MISS:
+    return {}
+  # per-utterance WERs are fractions; the table speaks in WER %
+  return {u: 100.0 * w for u, w in r["per_utterance_wer"].get(system, {}).items()}
+
+
 def variant_config(config: ml_collections.ConfigDict, variant: str, seed: int) -> ml_collections.ConfigDict:
   """A copy of `config` turned into `variant` with every seed set to `seed`."""
   if variant not in VARIANTS:
@@ -179,6 +190,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "ratio": {s: (ev[s]["wer"] / ceiling if ev.get(s) and ev[s].get("wer") is not None and ceiling else None)
                 for s in ("tts", "resynthesis")},
       "sim": (ev.get("tts") or {}).get("sim"), MEL_MSE: summary.get("resynthesis_mel_mse"),
+      "per_utterance_mel_mse": dict(summary.get("resynthesis_mel_mse_per_utterance") or {}),
       "code_perplexity": stage1.get("codes/perplexity"), "speaker_first": speaker_first(summary),
       "final_losses": summary["final_losses"],
       "eval_items": summary["eval_items"], "per_utterance_wer": per_utt,
@@ -261,6 +273,40 @@ def _config_train_flops(run_dir: str) -> Optional[float]:
     return flops.train_flops(config_lib.from_dict(json.load(f)))
 
 
+def add_mel_errors(path: str, *, rtol: float = 1e-4) -> Optional[float]:
+  """Adds `per_utterance_mel_mse` to a run's results.json saved before the field, from the run's latest
+  checkpoint: its scored sentences re-resynthesised with its eval seed, as `main_job.run` does. The mean of those
+  errors must give the saved mel_mse back to `rtol`, else the checkpoint or the code is not what made the saved
+  figure and nothing is written (ValueError). Returns the relative difference of the two means, or None when the
+  file has the field already."""
+  from e2etts_jax import main_job, synthesis
+  with open(path, encoding="utf-8") as f:
+    r = json.load(f)
+  if r.get("per_utterance_mel_mse"):
+    return None
+  run_dir = os.path.dirname(os.path.abspath(path))
+  items_path = os.path.join(run_dir, "eval", "manifest.jsonl")
+  if not os.path.exists(items_path):
+    raise FileNotFoundError(f"{path}: no eval manifest at {items_path} to find the run's scored sentences")
+  if r.get(MEL_MSE) is None:
+    raise ValueError(f"{path}: no saved mel_mse to check the recomputed errors against")
+  # main_job.run scores min(eval_items, available) sentences; picking that many again picks the same ones.
+  items = main_job.eval_items_of(items_path, int(r["seed"]), int(r["eval_items"]))
+  synth = synthesis.Synthesizer.from_workdir(run_dir, seed=int(r["seed"]))
+  errors = main_job.resynthesis_mel_errors(synth, items, int(r["seed"]))
+  mean = float(sum(errors.values()) / max(len(errors), 1))
+  rel = abs(mean - r[MEL_MSE]) / max(abs(r[MEL_MSE]), 1e-12)
+  if rel > rtol:
+    raise ValueError(f"{path}: recomputed resynthesis mel errors average {mean:.6f}, the saved mel_mse is "
+                     f"{r[MEL_MSE]:.6f} (relative difference {rel:.1e} > {rtol:g}): not the run that was scored")
+  r["per_utterance_mel_mse"] = errors
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(r, f, indent=1, default=float)
+  os.replace(tmp, path)
+  return rel
+
+
 def _budget(r: Mapping) -> str:
   """The budget runs are paired at: the study config's total steps x batch (cascaded moves stage 3's steps to
   stage 2; cascaded_equal_flops adds steps; older records without study_steps: their own total)."""
@@ -279,8 +325,8 @@ def _num(x, fmt="{:.2f}") -> str:
 def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
   """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
   mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget):
-  per-variant mean/std over seeds, paired t-test over seeds, and (WER only) a paired bootstrap over utterances
-  pooled across those seeds."""
+  per-variant mean/std over seeds, paired t-test over seeds, and a paired bootstrap over utterances pooled across
+  those seeds (WER in %, or the mel error; none for SPEAKER_MISS)."""
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
   value = _metric(system)
@@ -291,10 +337,10 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
     return None
   ua, ub = [], []
   for k in common:
-    pa, pb = ra[k]["per_utterance_wer"].get(system, {}), rb[k]["per_utterance_wer"].get(system, {})
+    pa, pb = _per_utterance(ra[k], system), _per_utterance(rb[k], system)
     for utt in sorted(set(pa) & set(pb)):
-      ua.append(100.0 * pa[utt])   # per-utterance WERs are fractions; the table speaks in WER %
-      ub.append(100.0 * pb[utt])
+      ua.append(pa[utt])
+      ub.append(pb[utt])
   c = stats.paired_over_seeds([value(ra[k]) for k in common], [value(rb[k]) for k in common], ua, ub)
   return {"a": a, "b": b, "system": system, "configs": sorted({k[:2] for k in common}), **c}
 
@@ -341,7 +387,7 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
             "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences; "
             "on the share of TTS outputs whose prompt speaker the RM does not rank first for `speaker_miss`); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
-            "in WER %).", "",
+            "in WER %; for `mel_mse`, the mean mel error difference).", "",
             "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "
             "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]
   studies = sorted({(r["config"], _budget(r), r.get("study") or "") for r in rows})
@@ -351,7 +397,8 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
       c = compare(subset, a, b, system)
       if c is None:
         continue
-      utt = f"{c['utt_diff']:+.1f} ({c['utt_p']:.3f})" if c["utt_diff"] is not None else "-"
+      diff = "{:+.2f}" if system == MEL_MSE else "{:+.1f}"
+      utt = f"{diff.format(c['utt_diff'])} ({c['utt_p']:.3f})" if c["utt_diff"] is not None else "-"
       lines.append(f"| {a} vs {b}: {system} | {cfg}, {budget} ({study}) | {c['n_seeds']} | {c['mean_a']:.2f} ± "
                    f"{c['std_a']:.2f} | {c['mean_b']:.2f} ± {c['std_b']:.2f} | {_num(c['t_test_p'], '{:.3f}')} | "
                    f"{utt} | {_verdict(c)} |")

@@ -119,6 +119,23 @@ def eval_manifest(corpus_manifest: str, out_path: str, max_seconds: float) -> st
   return out_path
 
 
+def eval_items_of(items_path: str, seed: int, limit: int) -> list:
+  """The held-out items a run scores: `limit` test items of the eval manifest, spread over speakers, with the
+  same-speaker prompts `seed` draws."""
+  from e2etts_jax import evaluation
+  return pick_items(evaluation.items_from_manifest(items_path, split="test", seed=seed), limit)
+
+
+def resynthesis_mel_errors(synth, items: list, seed: int) -> dict[str, float]:
+  """{utt: mean squared log-mel error of ground truth -> tokenizer -> FM (no vocoder)} over the items with
+  ground-truth audio. The judge's WER saturates near 100% on speech that is not yet intelligible; this error still
+  tells two such models apart."""
+  from e2etts_jax import audio
+  with_gt = [it for it in items if it.gt_wav]
+  mels = [synth.mel_of(audio.load_audio(it.gt_wav, synth.sample_rate), synth.sample_rate) for it in with_gt]
+  return dict(zip((it.utt for it in with_gt), synth.resynthesis_mel_errors(mels, seed=seed)))
+
+
 def pick_items(items: list, limit: int) -> list:
   """Up to `limit` items spread over speakers (round-robin by prompt folder/speaker prefix, in id order)."""
   if not limit or len(items) <= limit:
@@ -318,7 +335,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
   synth = phases.run("load", lambda: _load_and_warm(workdir, eval_seed))
   items_path = eval_manifest(manifest, os.path.join(workdir, "eval", "manifest.jsonl"),
                              float(config.data.max_seconds))
-  items = pick_items(evaluation.items_from_manifest(items_path, split="test", seed=eval_seed), eval_items)
+  items = eval_items_of(items_path, eval_seed, eval_items)
   _say(f"evaluating {len(items)} held-out sentences (same-speaker prompts) with pocketsphinx")
   asr = evaluation.make_asr("pocketsphinx")
   encoder = speaker_lib.CallableEncoder(lambda w: synth.embed_wav(w, 16000), 16000, name="internal_rm")
@@ -353,12 +370,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       meta={"system": "tts: text + prompt -> LLM -> FM -> vocoder", "workdir": workdir}, **common))
 
   from e2etts_jax import audio
-  # The judge's WER saturates near 100% on speech that is not yet intelligible; the mel error of resynthesis
-  # (ground truth -> tokenizer -> FM, no vocoder) still tells two such models apart.
-  gt_mels = [synth.mel_of(audio.load_audio(it.gt_wav, synth.sample_rate), synth.sample_rate)
-             for it in items if it.gt_wav]
-  mel_mse = phases.run("mel_error", lambda: synth.resynthesis_mel_error(gt_mels, seed=eval_seed)
-                       if gt_mels else None)
+  mel_errors = phases.run("mel_error", lambda: resynthesis_mel_errors(synth, items, eval_seed))
   embed = lambda path: synth.embed_wav(audio.load_audio(path, synth.sample_rate), synth.sample_rate)
   ranking = phases.run("speaker_ranking", lambda: speaker_ranking(
       embed, items, {k: os.path.join(eval_dir, k, "wavs") for k in ("tts", "resynthesis", "ceiling")}))
@@ -374,7 +386,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "eval_items": len(items),
       "eval": {k: _eval_summary(v) for k, v in res.items()},
       "wer_over_ceiling": {k: res[k].get("wer_over_ceiling") for k in ("tts", "resynthesis")},
-      "speaker_ranking": ranking, "resynthesis_mel_mse": mel_mse,
+      "speaker_ranking": ranking,
+      "resynthesis_mel_mse": float(np.mean(list(mel_errors.values()))) if mel_errors else None,
+      "resynthesis_mel_mse_per_utterance": mel_errors,
       "final_losses": losses, "loss_keys": loss_keys,
       "tts_code_perplexity": synthesis.code_usage_perplexity(synth, tts_tokens) if tts_tokens else None,
       "codebook_size": synth.system.fsq.codebook_size,

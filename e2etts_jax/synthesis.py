@@ -507,17 +507,17 @@ class Synthesizer:
     tokens' frames (the tail past a multiple of the tokenizer's downsampling is dropped)."""
     return self.decode_tokens(self.tokenize_mel(mel), rng)
 
-  def resynthesis_mel_error(self, mels: Sequence[np.ndarray], seed: Optional[int] = None) -> float:
-    """Mean over utterances of the mean squared error (log-mel units^2) of `resynthesize_mel` against the ground
-    truth: how much of the mel the tokens and FM keep. mels: [frames, n_mels] each."""
+  def resynthesis_mel_errors(self, mels: Sequence[np.ndarray], seed: Optional[int] = None) -> list[float]:
+    """Per utterance, the mean squared error (log-mel units^2) of `resynthesize_mel` against the ground truth: how
+    much of the mel the tokens and FM keep. mels: [frames, n_mels] each; utterance i draws from fold_in(seed, i)."""
     rng = jax.random.key(self.seed if seed is None else int(seed))
     errors = []
     for i, mel in enumerate(mels):
       if mel.shape[0] < self.ds:
-        raise SynthesisError(f"resynthesis_mel_error: utterance {i} is shorter than one token")
+        raise SynthesisError(f"resynthesis_mel_errors: utterance {i} is shorter than one token")
       out = self.resynthesize_mel(mel, jax.random.fold_in(rng, i))
       errors.append(float(np.mean(np.square(out - np.asarray(mel[:out.shape[0]], np.float32)))))
-    return float(np.mean(errors))
+    return errors
 
   def warmup(self, prompt: bool = True) -> float:
     """Compiles the LLM loops (with and without a prompt) and a small FM bucket; returns seconds taken."""

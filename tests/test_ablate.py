@@ -70,6 +70,7 @@ def _summary(workdir, tts, resyn, ceiling, utts, steps=None):
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
           "final_losses": {"stage1": {"codes/perplexity": 7.0}}, "eval_items": len(utts),
           "phases": {"train": 60.0}, "total_seconds": 90.0, "resynthesis_mel_mse": resyn / 10.0,
+          "resynthesis_mel_mse_per_utterance": {u: resyn / 10.0 + 0.1 * i for i, u in enumerate(utts)},
           "speaker_ranking": {"speakers": 4, "tts": {"top1": 0.75, "n": 4}, "resynthesis": {"top1": 1.0, "n": 4}}}
 
 
@@ -94,7 +95,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
-  assert r["mel_mse"] == 3.0
+  assert r["mel_mse"] == 3.0 and r["per_utterance_mel_mse"] == {"a": 3.0, "b": 3.1, "c": 3.2}
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
   info = DataInfo.for_config(c)
@@ -117,20 +118,24 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert len(calls) == 5
 
 
-def _row(variant, seed, tts, utt_wers):
+def _row(variant, seed, tts, utt_wers, utt_mel=None):
   # cascaded spends stage 3's steps in stage 2: the same total budget, so the runs still pair up.
   steps = {"stage1": 2, "stage2": 2, "stage3": 0} if variant == "cascaded" else {"stage1": 2, "stage2": 1, "stage3": 1}
   return {"variant": variant, "seed": seed, "config": "small", "steps": steps,
           "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
           "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
-          "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0}}
+          "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0},
+          **({} if utt_mel is None else {"per_utterance_mel_mse": dict(zip("abc", utt_mel))})}
 
 
 def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   a = [1.2, 1.5, 1.1]
   b = [1.9, 2.4, 1.7]
-  rows = [_row("e2e", s, a[s], [0.1, 0.2, 0.3]) for s in range(3)]
-  rows += [_row("cascaded", s, b[s], [0.3, 0.2, 0.6]) for s in range(3)]
+  mel_a, mel_b = [[1.0, 2.0, 1.5], [1.1, 2.1, 1.4], [0.9, 1.8, 1.6]], [[1.5, 2.5, 1.5], [2.0, 2.2, 1.9], [1.2, 2.4, 2.0]]
+  rows = [_row("e2e", s, a[s], [0.1, 0.2, 0.3], mel_a[s]) for s in range(3)]
+  # The third cascaded run was saved before per-utterance mel errors: its seed's sentences drop out of that
+  # bootstrap (and only of that one).
+  rows += [_row("cascaded", s, b[s], [0.3, 0.2, 0.6], mel_b[s] if s < 2 else None) for s in range(3)]
   for r in rows:
     d = tmp_path / r["variant"] / f"seed{r['seed']}"
     (d / "eval" / "tts").mkdir(parents=True)
@@ -159,11 +164,12 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   np.testing.assert_allclose([c["mean_a"], c["std_a"]], [np.mean(a), np.std(a, ddof=1)])
   np.testing.assert_allclose(c["t_test_p"], sstats.ttest_rel(a, b).pvalue)
   np.testing.assert_allclose(c["utt_diff"], 100 * np.mean(np.array([0.1, 0.2, 0.3]) - [0.3, 0.2, 0.6]))
-  # The mel-error metric pairs the same seeds, with no per-utterance bootstrap.
+  # The mel-error metric pairs the same seeds; its bootstrap pairs the sentences of the seeds both saved.
   m = ablate.compare(loaded, "e2e", "cascaded", ablate.MEL_MSE)
   np.testing.assert_allclose([m["mean_a"], m["mean_b"]], [2 * np.mean(a), 2 * np.mean(b)])
   np.testing.assert_allclose(m["t_test_p"], sstats.ttest_rel(a, b).pvalue)
-  assert m["utt_diff"] is None and m["n_utterances"] == 0
+  assert m["n_seeds"] == 3 and m["n_utterances"] == 6
+  np.testing.assert_allclose(m["utt_diff"], np.mean(np.subtract(mel_a[:2], mel_b[:2])))
   # The speaker metric: the share of TTS outputs whose prompt speaker is not ranked first, paired the same way.
   spk = ablate.compare(loaded, "e2e", "cascaded", ablate.SPEAKER_MISS)
   np.testing.assert_allclose([spk["mean_a"], spk["mean_b"]], [np.mean(a) / 10, np.mean(b) / 10])
@@ -178,8 +184,43 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/1/1 | e2e | 1 | CPU | 1.50 | - | 20.0 | 3.000 | - | 85 |" in md
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
+  mel_line = next(line for line in md.splitlines() if line.startswith("| e2e vs cascaded: mel_mse"))
+  assert f"| {m['utt_diff']:+.2f} ({m['utt_p']:.3f}) |" in mel_line
   # With two seeds the verdict says so instead of testing.
   two = [r for r in loaded if r["seed"] < 2 and r["study"] != "other"]
   assert "too few seeds (2 < 3)" in ablate.results_markdown(two)
   with pytest.raises(FileNotFoundError, match="no ablation results.json"):
     ablate.write_report([str(tmp_path / "nothing")], str(tmp_path / "x.md"))
+
+
+def test_add_mel_errors_fills_in_saved_runs_whose_mean_comes_back_and_names_the_others(workdir, tmp_path, capsys):
+  import shutil
+  from e2etts_jax import main_job, synthesis
+  from e2etts_jax.cli import ablate as ablate_cli
+  study = tmp_path / "study"
+  runs = {seed: study / "e2e" / f"seed{seed}" for seed in (1, 2)}
+  for run in runs.values():
+    shutil.copytree(workdir["run"], run)
+    main_job.eval_manifest(workdir["manifest"], str(run / "eval" / "manifest.jsonl"), 3.5)
+  # What main_job.run would have saved for seed 1: the mean over its scored sentences.
+  synth = synthesis.Synthesizer.from_workdir(str(runs[1]))
+  items = main_job.eval_items_of(str(runs[1] / "eval" / "manifest.jsonl"), 1, 3)
+  want = main_job.resynthesis_mel_errors(synth, items, 1)
+  assert len(want) == 3 and len(set(want.values())) == 3
+  saved = {seed: {"variant": "e2e", "seed": seed, "eval_items": 3, "ratio": {}, "speaker_first": {},
+                  "mel_mse": float(np.mean(list(want.values())))} for seed in runs}
+  saved[2]["mel_mse"] *= 1.1   # seed 2's saved mean is not what its checkpoint gives
+  for seed, run in runs.items():
+    (run / "results.json").write_text(json.dumps(saved[seed]))
+  ablate_cli._add_mel_errors(ablate, str(study))
+  out = capsys.readouterr().out
+  assert "1 runs filled in, 1 failed" in out
+  assert f"{runs[2] / 'results.json'}: recomputed resynthesis mel errors average" in out
+  assert "not the run that was scored" in out
+  got = json.loads((runs[1] / "results.json").read_text())
+  assert got.pop("per_utterance_mel_mse") == pytest.approx(want, rel=1e-5) and got == saved[1]
+  assert json.loads((runs[2] / "results.json").read_text()) == saved[2]   # refused: untouched
+  assert ablate.add_mel_errors(str(runs[1] / "results.json")) is None     # has them: nothing to do
+  os.remove(runs[2] / "eval" / "manifest.jsonl")
+  with pytest.raises(FileNotFoundError, match="no eval manifest"):
+    ablate.add_mel_errors(str(runs[2] / "results.json"))

@@ -150,15 +150,15 @@ def test_resynthesis_and_speaker_embedding(synth, utts):
   np.testing.assert_allclose(np.linalg.norm(e), 1.0, atol=1e-4)
 
 
-def test_resynthesis_mel_error_is_the_mean_mse_of_resynthesize_mel(synth, utts):
+def test_resynthesis_mel_errors_are_each_utterances_mse_of_resynthesize_mel(synth, utts):
   mels = [synth.mel_of(audio.load_audio(u["audio"], 16000), 16000) for u in utts[:2]]
   mels[1] = mels[1][:synth.ds * 3 + 1]   # a ragged tail: only whole tokens are resynthesised
   outs = [synth.resynthesize_mel(m, jax.random.fold_in(jax.random.key(5), i)) for i, m in enumerate(mels)]
   assert outs[1].shape == (synth.ds * 3, mels[1].shape[1])
-  want = np.mean([np.mean(np.square(o - m[:o.shape[0]])) for o, m in zip(outs, mels)])
-  np.testing.assert_allclose(synth.resynthesis_mel_error(mels, seed=5), want, rtol=1e-6)
+  want = [np.mean(np.square(o - m[:o.shape[0]])) for o, m in zip(outs, mels)]
+  np.testing.assert_allclose(synth.resynthesis_mel_errors(mels, seed=5), want, rtol=1e-6)
   with pytest.raises(synthesis.SynthesisError, match="utterance 1 is shorter than one token"):
-    synth.resynthesis_mel_error([mels[0], mels[0][:synth.ds - 1]])
+    synth.resynthesis_mel_errors([mels[0], mels[0][:synth.ds - 1]])
 
 
 def test_eval_cli_workdir_mode_uses_the_synthesizer(workdir, utts, tmp_path):
