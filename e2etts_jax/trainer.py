@@ -259,6 +259,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         if stopping:
           break
       logger.flush()
+      # Asked again, not `stopping`: a SIGTERM that came during the stage's last held-out eval or save stops the
+      # run here rather than one step into the next stage (with its new optimizer and compile).
       if preemption.requested or (stop_after is not None and global_step >= stop_after):
         break
   bar.close()
