@@ -105,12 +105,20 @@ CLAIMS = (
     ("e2e", "no_usage", "resynthesis"),
     ("e2e", "no_prior", "resynthesis"),
     ("e2e", "no_prior", "mel_mse"),
+    ("e2e", "cascaded", "resynthesis_missed"),
+    ("e2e", "cascaded_equal_flops", "resynthesis_missed"),
+    ("e2e", "recognition_tokenizer", "resynthesis_missed"),
+    ("e2e", "recognition_tokenizer_equal_flops", "resynthesis_missed"),
 )
 SYSTEMS = ("tts", "resynthesis", "ceiling")
 # A claim's metric: a system's WER ratio to the ceiling, or `mel_mse`, the resynthesis mel error (main job), or
-# `speaker_miss`, the share of TTS outputs whose RM speaker embedding does not rank the prompt's speaker first.
+# `speaker_miss`, the share of TTS outputs whose RM speaker embedding does not rank the prompt's speaker first, or
+# `<system>_missed`, the judge's substitutions + deletions on a system in % of reference words: its WER without the
+# insertions, which keeps telling systems apart below the WER floor (an output that gets a few words right among
+# many inserted ones reads ~100% WER, like one that gets none).
 MEL_MSE = "mel_mse"
 SPEAKER_MISS = "speaker_miss"
+MISSED = "_missed"
 
 
 def _metric(system: str) -> Callable[[Mapping], Optional[float]]:
@@ -121,6 +129,11 @@ def _metric(system: str) -> Callable[[Mapping], Optional[float]]:
       top1 = (r.get("speaker_first") or {}).get("tts")
       return None if top1 is None else 1.0 - top1
     return miss
+  if system.endswith(MISSED):
+    def missed(r, name=system[:-len(MISSED)]):
+      c = (r.get("wer_components") or {}).get(name)
+      return None if c is None else c["substitutions"] + c["deletions"]
+    return missed
   return lambda r: r["ratio"].get(system)
 
 
@@ -129,7 +142,7 @@ def _per_utterance(r: Mapping, system: str) -> dict[str, float]:
   for MEL_MSE (runs saved before it have none), nothing for SPEAKER_MISS (a hit or miss per output)."""
   if system == MEL_MSE:
     return dict(r.get("per_utterance_mel_mse") or {})
-  if system == SPEAKER_MISS:
+  if system == SPEAKER_MISS or system.endswith(MISSED):   # (the eval results keep no per-utterance counts)
     return {}
   # per-utterance WERs are fractions; the table speaks in WER %
   return {u: 100.0 * w for u, w in r["per_utterance_wer"].get(system, {}).items()}
@@ -172,12 +185,14 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
   """
   ev = summary["eval"]
   ceiling = (ev.get("ceiling") or {}).get("wer")
-  per_utt = {}
+  per_utt, components = {}, {}
   for system in SYSTEMS:
     path = os.path.join(workdir, "eval", system, "results.json")
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
-        per_utt[system] = {u["utt"]: u["wer"] for u in json.load(f)["utterances"]}
+        ev_sys = json.load(f)
+      per_utt[system] = {u["utt"]: u["wer"] for u in ev_sys["utterances"]}
+      components[system] = ev_sys["summary"].get("wer_components")
   stage1 = summary["final_losses"].get("stage1", {})
   return {
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
@@ -193,7 +208,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "per_utterance_mel_mse": dict(summary.get("resynthesis_mel_mse_per_utterance") or {}),
       "code_perplexity": stage1.get("codes/perplexity"), "speaker_first": speaker_first(summary),
       "final_losses": summary["final_losses"],
-      "eval_items": summary["eval_items"], "per_utterance_wer": per_utt,
+      "eval_items": summary["eval_items"], "per_utterance_wer": per_utt, "wer_components": components,
   }
 
 
@@ -233,10 +248,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       summary["batch_size"] = int(c.data.batch_size)
       res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit,
                         study_steps=study_steps, train_flops=flops.train_flops(c))
-      tmp = path + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(res, f, indent=1, default=float)
-      os.replace(tmp, path)   # a results.json is either whole or absent
+      _write_json(path, res)
   return paths
 
 
@@ -300,11 +312,36 @@ def add_mel_errors(path: str, *, rtol: float = 1e-4) -> Optional[float]:
     raise ValueError(f"{path}: recomputed resynthesis mel errors average {mean:.6f}, the saved mel_mse is "
                      f"{r[MEL_MSE]:.6f} (relative difference {rel:.1e} > {rtol:g}): not the run that was scored")
   r["per_utterance_mel_mse"] = errors
+  _write_json(path, r)
+  return rel
+
+
+def add_wer_components(path: str) -> bool:
+  """Adds `wer_components` ({system: the judge's substitutions/deletions/insertions in %}) to a run's results.json
+  saved without them, from the summaries in the run's eval folders; True if it wrote. FileNotFoundError when the
+  run has no eval folder to read them from."""
+  with open(path, encoding="utf-8") as f:
+    r = json.load(f)
+  if r.get("wer_components"):
+    return False
+  components = {}
+  for system in SYSTEMS:
+    ev_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval", system, "results.json")
+    if os.path.exists(ev_path):
+      with open(ev_path, encoding="utf-8") as f:
+        components[system] = json.load(f)["summary"].get("wer_components")
+  if not components:
+    raise FileNotFoundError(f"{path}: no eval/<system>/results.json beside it to read the WER components from")
+  r["wer_components"] = components
+  _write_json(path, r)
+  return True
+
+
+def _write_json(path: str, obj) -> None:
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(r, f, indent=1, default=float)
-  os.replace(tmp, path)
-  return rel
+    json.dump(obj, f, indent=1, default=float)
+  os.replace(tmp, path)   # a results.json is either whole or absent
 
 
 def _budget(r: Mapping) -> str:
@@ -385,7 +422,9 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
             "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "
             "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences; "
-            "on the share of TTS outputs whose prompt speaker the RM does not rank first for `speaker_miss`); "
+            "on the share of TTS outputs whose prompt speaker the RM does not rank first for `speaker_miss`; on "
+            "the judge's substitutions + deletions in % of reference words, its WER without the insertions, for "
+            "`resynthesis_missed`); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
             "in WER %; for `mel_mse`, the mean mel error difference).", "",
             "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "

@@ -57,14 +57,19 @@ def test_variant_configs_change_only_what_they_name():
     ablate.variant_config(base, "e2f", 0)
 
 
+def _components(wer):
+  """WER components (in %) adding up to `wer`, as the eval harness summarises them."""
+  return {"substitutions": 0.5 * wer, "deletions": 0.3 * wer, "insertions": 0.2 * wer}
+
+
 def _summary(workdir, tts, resyn, ceiling, utts, steps=None):
   """A main-job summary plus the eval folders' per-utterance results, as main_job.run leaves them."""
   for system, wer in (("tts", tts), ("resynthesis", resyn), ("ceiling", ceiling)):
     d = os.path.join(workdir, "eval", system)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "results.json"), "w") as f:
-      json.dump({"summary": {}, "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i}
-                                               for i, u in enumerate(utts)]}, f)
+      json.dump({"summary": {"wer_components": _components(wer)},
+                 "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i} for i, u in enumerate(utts)]}, f)
   ev = lambda w: {"wer": w, "wer_ci": [w - 1, w + 1], "sim": 0.5, "rtf": 0.4, "scored": len(utts), "failed": 0}
   return {"config_name": "tiny", "mode": "e2e", "steps": steps or {"stage1": 4, "stage2": 2, "stage3": 2},
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
@@ -95,6 +100,8 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
+  assert r["wer_components"] == {"tts": _components(41.0), "resynthesis": _components(30.0),
+                                 "ceiling": _components(20.0)}
   assert r["mel_mse"] == 3.0 and r["per_utterance_mel_mse"] == {"a": 3.0, "b": 3.1, "c": 3.2}
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
@@ -125,6 +132,7 @@ def _row(variant, seed, tts, utt_wers, utt_mel=None):
           "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
           "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
           "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0},
+          "wer_components": {"resynthesis": _components(40.0 * tts)},
           **({} if utt_mel is None else {"per_utterance_mel_mse": dict(zip("abc", utt_mel))})}
 
 
@@ -175,6 +183,11 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   np.testing.assert_allclose([spk["mean_a"], spk["mean_b"]], [np.mean(a) / 10, np.mean(b) / 10])
   np.testing.assert_allclose(spk["t_test_p"], sstats.ttest_rel(a, b).pvalue)
   assert spk["utt_diff"] is None
+  # Words the judge missed (substitutions + deletions: the WER without insertions), seeds paired, no bootstrap.
+  missed = ablate.compare(loaded, "e2e", "cascaded", "resynthesis" + ablate.MISSED)
+  np.testing.assert_allclose([missed["mean_a"], missed["mean_b"]], [32 * np.mean(a), 32 * np.mean(b)])
+  np.testing.assert_allclose(missed["t_test_p"], sstats.ttest_rel(a, b).pvalue)
+  assert missed["utt_diff"] is None and missed["n_seeds"] == 3
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
@@ -193,7 +206,8 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
     ablate.write_report([str(tmp_path / "nothing")], str(tmp_path / "x.md"))
 
 
-def test_add_mel_errors_fills_in_saved_runs_whose_mean_comes_back_and_names_the_others(workdir, tmp_path, capsys):
+def test_backfill_adds_wer_components_and_mel_errors_whose_mean_comes_back_and_names_the_rest(workdir, tmp_path,
+                                                                                             capsys):
   import shutil
   from e2etts_jax import main_job, synthesis
   from e2etts_jax.cli import ablate as ablate_cli
@@ -202,6 +216,10 @@ def test_add_mel_errors_fills_in_saved_runs_whose_mean_comes_back_and_names_the_
   for run in runs.values():
     shutil.copytree(workdir["run"], run)
     main_job.eval_manifest(workdir["manifest"], str(run / "eval" / "manifest.jsonl"), 3.5)
+  # Seed 1 was scored on resynthesis only; seed 2 has no eval results at all.
+  (runs[1] / "eval" / "resynthesis").mkdir()
+  (runs[1] / "eval" / "resynthesis" / "results.json").write_text(json.dumps(
+      {"summary": {"wer_components": _components(90.0)}, "utterances": []}))
   # What main_job.run would have saved for seed 1: the mean over its scored sentences.
   synth = synthesis.Synthesizer.from_workdir(str(runs[1]))
   items = main_job.eval_items_of(str(runs[1] / "eval" / "manifest.jsonl"), 1, 3)
@@ -212,15 +230,18 @@ def test_add_mel_errors_fills_in_saved_runs_whose_mean_comes_back_and_names_the_
   saved[2]["mel_mse"] *= 1.1   # seed 2's saved mean is not what its checkpoint gives
   for seed, run in runs.items():
     (run / "results.json").write_text(json.dumps(saved[seed]))
-  ablate_cli._add_mel_errors(ablate, str(study))
+  ablate_cli._backfill(ablate, str(study))
   out = capsys.readouterr().out
-  assert "1 runs filled in, 1 failed" in out
+  assert "backfill: 2 fields filled in, 2 failed" in out
   assert f"{runs[2] / 'results.json'}: recomputed resynthesis mel errors average" in out
   assert "not the run that was scored" in out
+  assert f"{runs[2] / 'results.json'}: no eval/<system>/results.json beside it" in out
   got = json.loads((runs[1] / "results.json").read_text())
-  assert got.pop("per_utterance_mel_mse") == pytest.approx(want, rel=1e-5) and got == saved[1]
+  assert got.pop("per_utterance_mel_mse") == pytest.approx(want, rel=1e-5)
+  assert got.pop("wer_components") == {"resynthesis": _components(90.0)} and got == saved[1]
   assert json.loads((runs[2] / "results.json").read_text()) == saved[2]   # refused: untouched
   assert ablate.add_mel_errors(str(runs[1] / "results.json")) is None     # has them: nothing to do
+  assert ablate.add_wer_components(str(runs[1] / "results.json")) is False
   os.remove(runs[2] / "eval" / "manifest.jsonl")
   with pytest.raises(FileNotFoundError, match="no eval manifest"):
     ablate.add_mel_errors(str(runs[2] / "results.json"))

@@ -3,7 +3,7 @@
   e2etts-ablate --config configs/small.py --variants e2e,cascaded,recognition_tokenizer --seeds 0,1,2 \
       --out runs/ablate --md docs/results.md
   e2etts-ablate --report_only --out runs/ablate --md docs/results.md     # re-render from saved results.json
-  e2etts-ablate --report_only --add_mel_errors --out runs/ablate ...      # per-utterance mel errors, then render
+  e2etts-ablate --report_only --backfill --out runs/ablate ...   # fields newer than the saved runs, then render
 
 Every run is the main job's (e2etts_jax.main_job; its 2-core budget defaults apply unless --nobudget_defaults or the
 key is given as --config.*). See e2etts_jax/ablate.py for the variants and claims.
@@ -23,10 +23,10 @@ _BUDGET = flags.DEFINE_bool("budget_defaults", True, "Apply the main job's 2-cor
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only render --md from the results.json under --out.")
 _MD = flags.DEFINE_string("md", "docs/results.md", "Results page to write.")
 _EXTRA = flags.DEFINE_list("report_from", [], "More study folders whose results.json go into the page.")
-_ADD_MEL = flags.DEFINE_bool("add_mel_errors", False, "Before rendering, add per-utterance resynthesis mel errors "
-                             "to the results.json under --out saved without them (recomputed from each run's "
-                             "checkpoint; the run's saved mean must come back) so `mel_mse` claims get an "
-                             "utterance bootstrap.")
+_BACKFILL = flags.DEFINE_bool("backfill", False, "Before rendering, add to the results.json under --out what "
+                              "they were saved without: per-utterance resynthesis mel errors (recomputed from each "
+                              "run's checkpoint; the saved mean must come back) and the judge's WER components "
+                              "(from the run's eval folders).")
 
 
 def main(argv):
@@ -56,29 +56,37 @@ def main(argv):
     ablate.run_study(config, _OUT.value, _VARIANTS.value, seeds, corpus_dir=_CORPUS.value,
                      num_utterances=_NUM_UTTS.value, eval_items=_EVAL_ITEMS.value,
                      overrides=[f"{k}={v}" for k, v in sorted(overrides.items())])
-  if _ADD_MEL.value:
-    _add_mel_errors(ablate, _OUT.value)
+  if _BACKFILL.value:
+    _backfill(ablate, _OUT.value)
   text = ablate.write_report([_OUT.value, *_EXTRA.value], _MD.value)
   print(text)
   print(f"[e2etts-ablate] wrote {_MD.value}")
 
 
-def _add_mel_errors(ablate, out: str) -> None:
-  """ablate.add_mel_errors on every run under `out`; a run it cannot redo is named and the others go on."""
+def _backfill(ablate, out: str) -> None:
+  """ablate.add_wer_components and ablate.add_mel_errors on every run under `out`; what cannot be filled in is
+  named, the other runs and fields go on, and both are counted."""
   from e2etts_jax.checkpoint import CheckpointError
-  done, failed = 0, []
+  done, failed = 0, 0
   for row in ablate.load_results([out]):
+    path = row["path"]
     try:
-      rel = ablate.add_mel_errors(row["path"])
+      if ablate.add_wer_components(path):
+        done += 1
+        print(f"[e2etts-ablate] WER components added to {path}", flush=True)
+    except (OSError, ValueError) as e:
+      failed += 1
+      print(f"[e2etts-ablate] backfill: {e}", flush=True)
+    try:
+      rel = ablate.add_mel_errors(path)
+      if rel is not None:
+        done += 1
+        print(f"[e2etts-ablate] per-utterance mel errors added to {path} (saved mean reproduced to {rel:.1e})",
+              flush=True)
     except (OSError, ValueError, CheckpointError) as e:
-      failed.append(row["path"])
-      print(f"[e2etts-ablate] add_mel_errors: {e}", flush=True)
-      continue
-    if rel is not None:
-      done += 1
-      print(f"[e2etts-ablate] per-utterance mel errors added to {row['path']} (saved mean reproduced to "
-            f"{rel:.1e})", flush=True)
-  print(f"[e2etts-ablate] add_mel_errors: {done} runs filled in, {len(failed)} failed", flush=True)
+      failed += 1
+      print(f"[e2etts-ablate] backfill: {e}", flush=True)
+  print(f"[e2etts-ablate] backfill: {done} fields filled in, {failed} failed", flush=True)
 
 
 def run():
