@@ -291,6 +291,7 @@ def add_mel_errors(path: str, *, rtol: float = 1e-4) -> Optional[float]:
   errors must give the saved mel_mse back to `rtol`, else the checkpoint or the code is not what made the saved
   figure and nothing is written (ValueError). Returns the relative difference of the two means, or None when the
   file has the field already."""
+  import numpy as np
   from e2etts_jax import main_job, synthesis
   with open(path, encoding="utf-8") as f:
     r = json.load(f)
@@ -306,7 +307,9 @@ def add_mel_errors(path: str, *, rtol: float = 1e-4) -> Optional[float]:
   items = main_job.eval_items_of(items_path, int(r["seed"]), int(r["eval_items"]))
   synth = synthesis.Synthesizer.from_workdir(run_dir, seed=int(r["seed"]))
   errors = main_job.resynthesis_mel_errors(synth, items, int(r["seed"]))
-  mean = float(sum(errors.values()) / max(len(errors), 1))
+  if not errors:
+    raise ValueError(f"{path}: none of the run's {len(items)} scored sentences has ground-truth audio")
+  mean = float(np.mean(list(errors.values())))   # as main_job.run averages them
   rel = abs(mean - r[MEL_MSE]) / max(abs(r[MEL_MSE]), 1e-12)
   if rel > rtol:
     raise ValueError(f"{path}: recomputed resynthesis mel errors average {mean:.6f}, the saved mel_mse is "
@@ -361,9 +364,10 @@ def _num(x, fmt="{:.2f}") -> str:
 
 def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[dict]:
   """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
-  mel error; for SPEAKER_MISS, the TTS speaker-miss share), over the seeds both have (same config and budget):
-  per-variant mean/std over seeds, paired t-test over seeds, and a paired bootstrap over utterances pooled across
-  those seeds (WER in %, or the mel error; none for SPEAKER_MISS)."""
+  mel error; for SPEAKER_MISS, the TTS speaker-miss share; for '<system>_missed', that system's substitutions +
+  deletions), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test over
+  seeds, and a paired bootstrap over utterances pooled across those seeds (WER in %, or the mel error; none for the
+  other two)."""
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
   value = _metric(system)
