@@ -185,14 +185,9 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
   """
   ev = summary["eval"]
   ceiling = (ev.get("ceiling") or {}).get("wer")
-  per_utt, components = {}, {}
-  for system in SYSTEMS:
-    path = os.path.join(workdir, "eval", system, "results.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        ev_sys = json.load(f)
-      per_utt[system] = {u["utt"]: u["wer"] for u in ev_sys["utterances"]}
-      components[system] = ev_sys["summary"].get("wer_components")
+  scored = _eval_results(workdir)
+  per_utt = {system: {u["utt"]: u["wer"] for u in r["utterances"]} for system, r in scored.items()}
+  components = {system: r["summary"].get("wer_components") for system, r in scored.items()}
   stage1 = summary["final_losses"].get("stage1", {})
   return {
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
@@ -210,6 +205,17 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "final_losses": summary["final_losses"],
       "eval_items": summary["eval_items"], "per_utterance_wer": per_utt, "wer_components": components,
   }
+
+
+def _eval_results(run_dir: str) -> dict[str, dict]:
+  """{system: the eval harness's results.json} of the systems a run's eval folder holds."""
+  out = {}
+  for system in SYSTEMS:
+    path = os.path.join(run_dir, "eval", system, "results.json")
+    if os.path.exists(path):
+      with open(path, encoding="utf-8") as f:
+        out[system] = json.load(f)
+  return out
 
 
 def speaker_first(summary: Mapping) -> dict:
@@ -327,12 +333,8 @@ def add_wer_components(path: str) -> bool:
     r = json.load(f)
   if r.get("wer_components"):
     return False
-  components = {}
-  for system in SYSTEMS:
-    ev_path = os.path.join(os.path.dirname(os.path.abspath(path)), "eval", system, "results.json")
-    if os.path.exists(ev_path):
-      with open(ev_path, encoding="utf-8") as f:
-        components[system] = json.load(f)["summary"].get("wer_components")
+  scored = _eval_results(os.path.dirname(os.path.abspath(path)))
+  components = {system: ev["summary"].get("wer_components") for system, ev in scored.items()}
   if not components:
     raise FileNotFoundError(f"{path}: no eval/<system>/results.json beside it to read the WER components from")
   r["wer_components"] = components
