@@ -29,6 +29,7 @@ Variants (same config, data and eval items; the same total step budget unless na
 """
 from __future__ import annotations
 
+import csv
 import datetime
 import glob
 import json
@@ -139,11 +140,14 @@ def _metric(system: str) -> Callable[[Mapping], Optional[float]]:
 
 def _per_utterance(r: Mapping, system: str) -> dict[str, float]:
   """{utt: figure} that a claim's utterance bootstrap pairs: the WER in % for a system, the resynthesis mel error
-  for MEL_MSE (runs saved before it have none), nothing for SPEAKER_MISS (a hit or miss per output)."""
+  for MEL_MSE, the words missed in % for '<system>_missed' (runs saved before either field have none), nothing for
+  SPEAKER_MISS (a hit or miss per output)."""
   if system == MEL_MSE:
     return dict(r.get("per_utterance_mel_mse") or {})
-  if system == SPEAKER_MISS or system.endswith(MISSED):   # (the eval results keep no per-utterance counts)
+  if system == SPEAKER_MISS:
     return {}
+  if system.endswith(MISSED):
+    return dict((r.get("per_utterance_missed") or {}).get(system[:-len(MISSED)]) or {})
   # per-utterance WERs are fractions; the table speaks in WER %
   return {u: 100.0 * w for u, w in r["per_utterance_wer"].get(system, {}).items()}
 
@@ -204,6 +208,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "code_perplexity": stage1.get("codes/perplexity"), "speaker_first": speaker_first(summary),
       "final_losses": summary["final_losses"],
       "eval_items": summary["eval_items"], "per_utterance_wer": per_utt, "wer_components": components,
+      "per_utterance_missed": _utterance_missed(workdir),
   }
 
 
@@ -215,6 +220,23 @@ def _eval_results(run_dir: str) -> dict[str, dict]:
     if os.path.exists(path):
       with open(path, encoding="utf-8") as f:
         out[system] = json.load(f)
+  return out
+
+
+def _utterance_missed(run_dir: str) -> dict[str, dict[str, float]]:
+  """{system: {utt: the judge's substitutions + deletions in % of the reference's words}} of the scored sentences
+  in a run's eval folders (their details.csv: the harness's results.json keeps only each sentence's WER). Their
+  mean over a system's sentences is its wer_components' substitutions + deletions (the harness averages the same
+  way)."""
+  out = {}
+  for system in SYSTEMS:
+    path = os.path.join(run_dir, "eval", system, "details.csv")
+    if not os.path.exists(path):
+      continue
+    with open(path, encoding="utf-8", newline="") as f:
+      rows = [r for r in csv.DictReader(f) if r["status"] == "ok"]
+    out[system] = {r["utt"]: 100.0 * (float(r["substitutions"]) + float(r["deletions"])) / float(r["ref_len"])
+                   for r in rows}
   return out
 
 
@@ -325,21 +347,39 @@ def add_mel_errors(path: str, *, rtol: float = 1e-4) -> Optional[float]:
   return rel
 
 
-def add_wer_components(path: str) -> bool:
-  """Adds `wer_components` ({system: the judge's substitutions/deletions/insertions in %}) to a run's results.json
-  saved without them, from the summaries in the run's eval folders; True if it wrote. FileNotFoundError when the
-  run has no eval folder to read them from."""
+def add_wer_components(path: str, *, rtol: float = 1e-6) -> bool:
+  """Adds what a run's results.json was saved without of `wer_components` ({system: the judge's substitutions /
+  deletions / insertions in %}) and `per_utterance_missed` ({system: {utt: substitutions + deletions in %}}), from
+  the run's eval folders; True if it wrote. The per-utterance figures must average to the saved components'
+  substitutions + deletions (to `rtol`), else the eval folder is not the one that was scored and nothing is written
+  (ValueError). FileNotFoundError when the run has no eval folder to read them from."""
   with open(path, encoding="utf-8") as f:
     r = json.load(f)
-  if r.get("wer_components"):
+  if r.get("wer_components") and r.get("per_utterance_missed"):
     return False
-  scored = _eval_results(os.path.dirname(os.path.abspath(path)))
-  components = {system: ev["summary"].get("wer_components") for system, ev in scored.items()}
-  if not components:
+  run_dir = os.path.dirname(os.path.abspath(path))
+  scored = _eval_results(run_dir)
+  if not scored:
     raise FileNotFoundError(f"{path}: no eval/<system>/results.json beside it to read the WER components from")
-  r["wer_components"] = components
-  _write_json(path, r)
-  return True
+  wrote = False
+  if not r.get("wer_components"):
+    r["wer_components"] = {system: ev["summary"].get("wer_components") for system, ev in scored.items()}
+    wrote = True
+  missed = _utterance_missed(run_dir)
+  for system, per_utt in missed.items():
+    c = r["wer_components"].get(system)
+    if c is None or not per_utt:
+      continue
+    mean, saved = sum(per_utt.values()) / len(per_utt), c["substitutions"] + c["deletions"]
+    if abs(mean - saved) > rtol * max(abs(saved), 1e-12):
+      raise ValueError(f"{path}: the {system} sentences in eval/{system}/details.csv miss {mean:.4f}% of words on "
+                       f"average, the saved WER components {saved:.4f}%: not the eval that was scored")
+  if missed and not r.get("per_utterance_missed"):
+    r["per_utterance_missed"] = missed
+    wrote = True
+  if wrote:
+    _write_json(path, r)
+  return wrote
 
 
 def _write_json(path: str, obj) -> None:
@@ -368,8 +408,9 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
   """Paired comparison of variant a against b on `system`'s WER ratio (or, for `system` = MEL_MSE, the resynthesis
   mel error; for SPEAKER_MISS, the TTS speaker-miss share; for '<system>_missed', that system's substitutions +
   deletions), over the seeds both have (same config and budget): per-variant mean/std over seeds, paired t-test over
-  seeds, and a paired bootstrap over utterances pooled across those seeds (WER in %, or the mel error; none for the
-  other two)."""
+  seeds, and a paired bootstrap over utterances pooled across those seeds (WER in %, the mel error, or the words
+  missed in %; none for SPEAKER_MISS). A run saved before its metric's per-utterance field leaves its seed out of
+  the bootstrap only; `utt_seeds` counts the seeds the bootstrap pooled."""
   from e2etts_jax.evaluation import stats
   key = lambda r: (r["config"], _budget(r), r.get("study"), r["seed"])
   value = _metric(system)
@@ -378,14 +419,16 @@ def compare(rows: Sequence[Mapping], a: str, b: str, system: str) -> Optional[di
   common = sorted(set(ra) & set(rb))
   if not common:
     return None
-  ua, ub = [], []
+  ua, ub, utt_seeds = [], [], 0
   for k in common:
     pa, pb = _per_utterance(ra[k], system), _per_utterance(rb[k], system)
-    for utt in sorted(set(pa) & set(pb)):
+    paired = sorted(set(pa) & set(pb))
+    utt_seeds += bool(paired)
+    for utt in paired:
       ua.append(pa[utt])
       ub.append(pb[utt])
   c = stats.paired_over_seeds([value(ra[k]) for k in common], [value(rb[k]) for k in common], ua, ub)
-  return {"a": a, "b": b, "system": system, "configs": sorted({k[:2] for k in common}), **c}
+  return {"a": a, "b": b, "system": system, "configs": sorted({k[:2] for k in common}), "utt_seeds": utt_seeds, **c}
 
 
 def _verdict(c: Mapping) -> str:
@@ -432,7 +475,8 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
             "the judge's substitutions + deletions in % of reference words, its WER without the insertions, for "
             "`resynthesis_missed`); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
-            "in WER %; for `mel_mse`, the mean mel error difference).", "",
+            "in WER %; for `mel_mse`, the mean mel error difference; for `resynthesis_missed`, in % of words; "
+            "'k of n seeds' where runs saved before the per-utterance figures leave seeds out of it).", "",
             "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "
             "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]
   studies = sorted({(r["config"], _budget(r), r.get("study") or "") for r in rows})
@@ -444,6 +488,8 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
         continue
       diff = "{:+.2f}" if system == MEL_MSE else "{:+.1f}"
       utt = f"{diff.format(c['utt_diff'])} ({c['utt_p']:.3f})" if c["utt_diff"] is not None else "-"
+      if c["utt_diff"] is not None and c["utt_seeds"] < c["n_seeds"]:   # runs saved before the per-utterance field
+        utt += f", {c['utt_seeds']} of {c['n_seeds']} seeds"
       lines.append(f"| {a} vs {b}: {system} | {cfg}, {budget} ({study}) | {c['n_seeds']} | {c['mean_a']:.2f} ± "
                    f"{c['std_a']:.2f} | {c['mean_b']:.2f} ± {c['std_b']:.2f} | {_num(c['t_test_p'], '{:.3f}')} | "
                    f"{utt} | {_verdict(c)} |")

@@ -62,14 +62,32 @@ def _components(wer):
   return {"substitutions": 0.5 * wer, "deletions": 0.3 * wer, "insertions": 0.2 * wer}
 
 
+def _missed(wer, utts):
+  """Per-utterance words missed (in %) around the `_components(wer)` substitutions + deletions: 0.8 x wer - 1, ...
+  in steps of 1 (their mean, for three sentences)."""
+  return {u: 0.8 * wer + i - (len(utts) - 1) / 2 for i, u in enumerate(utts)}
+
+
+def _eval_folder(run_dir, system, wer, utts, missed=None):
+  """An eval folder as the harness leaves it: results.json (per-sentence WER) and details.csv (per-sentence counts
+  of 1000 reference words, `missed` of them in %, plus a failed sentence that must be left out)."""
+  d = os.path.join(run_dir, "eval", system)
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "results.json"), "w") as f:
+    json.dump({"summary": {"wer_components": _components(wer)},
+               "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i} for i, u in enumerate(utts)]}, f)
+  missed = _missed(wer, utts) if missed is None else missed
+  lines = ["utt,status,substitutions,deletions,insertions,ref_len"]
+  lines += [f"{u},ok,{round(10 * m) // 2},{round(10 * m) - round(10 * m) // 2},7,1000" for u, m in missed.items()]
+  lines.append("broken,failed,,,,")
+  with open(os.path.join(d, "details.csv"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
 def _summary(workdir, tts, resyn, ceiling, utts, steps=None):
   """A main-job summary plus the eval folders' per-utterance results, as main_job.run leaves them."""
   for system, wer in (("tts", tts), ("resynthesis", resyn), ("ceiling", ceiling)):
-    d = os.path.join(workdir, "eval", system)
-    os.makedirs(d, exist_ok=True)
-    with open(os.path.join(d, "results.json"), "w") as f:
-      json.dump({"summary": {"wer_components": _components(wer)},
-                 "utterances": [{"utt": u, "wer": wer / 100.0 + 0.01 * i} for i, u in enumerate(utts)]}, f)
+    _eval_folder(workdir, system, wer, utts)
   ev = lambda w: {"wer": w, "wer_ci": [w - 1, w + 1], "sim": 0.5, "rtf": 0.4, "scored": len(utts), "failed": 0}
   return {"config_name": "tiny", "mode": "e2e", "steps": steps or {"stage1": 4, "stage2": 2, "stage3": 2},
           "eval": {"tts": ev(tts), "resynthesis": ev(resyn), "ceiling": ev(ceiling)},
@@ -102,6 +120,8 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
   assert r["wer_components"] == {"tts": _components(41.0), "resynthesis": _components(30.0),
                                  "ceiling": _components(20.0)}
+  assert r["per_utterance_missed"]["tts"] == pytest.approx({"a": 31.8, "b": 32.8, "c": 33.8})
+  assert r["per_utterance_missed"]["resynthesis"] == pytest.approx({"a": 23.0, "b": 24.0, "c": 25.0})
   assert r["mel_mse"] == 3.0 and r["per_utterance_mel_mse"] == {"a": 3.0, "b": 3.1, "c": 3.2}
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
@@ -125,7 +145,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert len(calls) == 5
 
 
-def _row(variant, seed, tts, utt_wers, utt_mel=None):
+def _row(variant, seed, tts, utt_wers, utt_mel=None, utt_missed=True):
   # cascaded spends stage 3's steps in stage 2: the same total budget, so the runs still pair up.
   steps = {"stage1": 2, "stage2": 2, "stage3": 0} if variant == "cascaded" else {"stage1": 2, "stage2": 1, "stage3": 1}
   return {"variant": variant, "seed": seed, "config": "small", "steps": steps,
@@ -133,7 +153,8 @@ def _row(variant, seed, tts, utt_wers, utt_mel=None):
           "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
           "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0},
           "wer_components": {"resynthesis": _components(40.0 * tts)},
-          **({} if utt_mel is None else {"per_utterance_mel_mse": dict(zip("abc", utt_mel))})}
+          **({} if utt_mel is None else {"per_utterance_mel_mse": dict(zip("abc", utt_mel))}),
+          **({"per_utterance_missed": {"resynthesis": _missed(40.0 * tts, "abc")}} if utt_missed else {})}
 
 
 def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
@@ -143,7 +164,8 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   rows = [_row("e2e", s, a[s], [0.1, 0.2, 0.3], mel_a[s]) for s in range(3)]
   # The third cascaded run was saved before per-utterance mel errors: its seed's sentences drop out of that
   # bootstrap (and only of that one).
-  rows += [_row("cascaded", s, b[s], [0.3, 0.2, 0.6], mel_b[s] if s < 2 else None) for s in range(3)]
+  rows += [_row("cascaded", s, b[s], [0.3, 0.2, 0.6], mel_b[s] if s < 2 else None, utt_missed=s < 2)
+           for s in range(3)]
   for r in rows:
     d = tmp_path / r["variant"] / f"seed{r['seed']}"
     (d / "eval" / "tts").mkdir(parents=True)
@@ -183,11 +205,14 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   np.testing.assert_allclose([spk["mean_a"], spk["mean_b"]], [np.mean(a) / 10, np.mean(b) / 10])
   np.testing.assert_allclose(spk["t_test_p"], sstats.ttest_rel(a, b).pvalue)
   assert spk["utt_diff"] is None
-  # Words the judge missed (substitutions + deletions: the WER without insertions), seeds paired, no bootstrap.
+  # Words the judge missed (substitutions + deletions: the WER without insertions), seeds paired; the bootstrap
+  # pairs the sentences of the seeds both saved per-utterance counts for.
   missed = ablate.compare(loaded, "e2e", "cascaded", "resynthesis" + ablate.MISSED)
   np.testing.assert_allclose([missed["mean_a"], missed["mean_b"]], [32 * np.mean(a), 32 * np.mean(b)])
   np.testing.assert_allclose(missed["t_test_p"], sstats.ttest_rel(a, b).pvalue)
-  assert missed["utt_diff"] is None and missed["n_seeds"] == 3
+  assert missed["n_seeds"] == 3 and (missed["utt_seeds"], missed["n_utterances"]) == (2, 6)
+  np.testing.assert_allclose(missed["utt_diff"], 32 * np.mean(np.subtract(a[:2], b[:2])))
+  assert (c["utt_seeds"], spk["utt_seeds"], m["utt_seeds"]) == (3, 0, 2)
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
@@ -198,7 +223,11 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   p = sstats.ttest_rel(a, b).pvalue
   assert p < 0.05 and f"e2e lower (p = {p:.3f})" in md
   mel_line = next(line for line in md.splitlines() if line.startswith("| e2e vs cascaded: mel_mse"))
-  assert f"| {m['utt_diff']:+.2f} ({m['utt_p']:.3f}) |" in mel_line
+  assert f"| {m['utt_diff']:+.2f} ({m['utt_p']:.3f}), 2 of 3 seeds |" in mel_line
+  missed_line = next(line for line in md.splitlines() if line.startswith("| e2e vs cascaded: resynthesis_missed"))
+  assert f"| {missed['utt_diff']:+.1f} ({missed['utt_p']:.3f}), 2 of 3 seeds |" in missed_line
+  tts_line = next(line for line in md.splitlines() if line.startswith("| e2e vs cascaded: tts"))
+  assert f"| {c['utt_diff']:+.1f} ({c['utt_p']:.3f}) |" in tts_line   # every seed in it: no count
   # With two seeds the verdict says so instead of testing.
   two = [r for r in loaded if r["seed"] < 2 and r["study"] != "other"]
   assert "too few seeds (2 < 3)" in ablate.results_markdown(two)
@@ -208,6 +237,7 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
 
 def test_backfill_adds_wer_components_and_mel_errors_whose_mean_comes_back_and_names_the_rest(workdir, tmp_path,
                                                                                              capsys):
+  """(The per-utterance words missed come in with the WER components: one field filled in per run.)"""
   import shutil
   from e2etts_jax import main_job, synthesis
   from e2etts_jax.cli import ablate as ablate_cli
@@ -217,9 +247,7 @@ def test_backfill_adds_wer_components_and_mel_errors_whose_mean_comes_back_and_n
     shutil.copytree(workdir["run"], run)
     main_job.eval_manifest(workdir["manifest"], str(run / "eval" / "manifest.jsonl"), 3.5)
   # Seed 1 was scored on resynthesis only; seed 2 has no eval results at all.
-  (runs[1] / "eval" / "resynthesis").mkdir()
-  (runs[1] / "eval" / "resynthesis" / "results.json").write_text(json.dumps(
-      {"summary": {"wer_components": _components(90.0)}, "utterances": []}))
+  _eval_folder(str(runs[1]), "resynthesis", 90.0, ["x", "y", "z"])
   # What main_job.run would have saved for seed 1: the mean over its scored sentences.
   synth = synthesis.Synthesizer.from_workdir(str(runs[1]))
   items = main_job.eval_items_of(str(runs[1] / "eval" / "manifest.jsonl"), 1, 3)
@@ -238,10 +266,30 @@ def test_backfill_adds_wer_components_and_mel_errors_whose_mean_comes_back_and_n
   assert f"{runs[2] / 'results.json'}: no eval/<system>/results.json beside it" in out
   got = json.loads((runs[1] / "results.json").read_text())
   assert got.pop("per_utterance_mel_mse") == pytest.approx(want, rel=1e-5)
-  assert got.pop("wer_components") == {"resynthesis": _components(90.0)} and got == saved[1]
+  assert got.pop("wer_components") == {"resynthesis": _components(90.0)}
+  assert got.pop("per_utterance_missed") == {"resynthesis": pytest.approx(_missed(90.0, "xyz"))} and got == saved[1]
   assert json.loads((runs[2] / "results.json").read_text()) == saved[2]   # refused: untouched
   assert ablate.add_mel_errors(str(runs[1] / "results.json")) is None     # has them: nothing to do
   assert ablate.add_wer_components(str(runs[1] / "results.json")) is False
   os.remove(runs[2] / "eval" / "manifest.jsonl")
   with pytest.raises(FileNotFoundError, match="no eval manifest"):
     ablate.add_mel_errors(str(runs[2] / "results.json"))
+
+
+def test_add_wer_components_fills_per_utterance_missed_only_from_the_eval_that_was_scored(tmp_path):
+  run = tmp_path / "e2e" / "seed0"
+  _eval_folder(str(run), "resynthesis", 50.0, list("abc"))
+  # Saved with the components but before the per-utterance counts: only those are added.
+  saved = {"variant": "e2e", "seed": 0, "wer_components": {"resynthesis": _components(50.0)}}
+  (run / "results.json").write_text(json.dumps(saved))
+  assert ablate.add_wer_components(str(run / "results.json")) is True
+  got = json.loads((run / "results.json").read_text())
+  assert got.pop("per_utterance_missed") == {"resynthesis": pytest.approx({"a": 39.0, "b": 40.0, "c": 41.0})}
+  assert got == saved
+  assert ablate.add_wer_components(str(run / "results.json")) is False
+  # An eval folder whose sentences do not average to the saved components is refused, the file left as it was.
+  _eval_folder(str(run), "resynthesis", 50.0, list("abc"), missed={"a": 39.0, "b": 40.0, "c": 44.0})
+  (run / "results.json").write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match="miss 41.0000% of words on average, the saved WER components 40.0000%"):
+    ablate.add_wer_components(str(run / "results.json"))
+  assert json.loads((run / "results.json").read_text()) == saved

@@ -25,8 +25,9 @@ _MD = flags.DEFINE_string("md", "docs/results.md", "Results page to write.")
 _EXTRA = flags.DEFINE_list("report_from", [], "More study folders whose results.json go into the page.")
 _BACKFILL = flags.DEFINE_bool("backfill", False, "Before rendering, add to the results.json under --out what "
                               "they were saved without: per-utterance resynthesis mel errors (recomputed from each "
-                              "run's checkpoint; the saved mean must come back) and the judge's WER components "
-                              "(from the run's eval folders).")
+                              "run's checkpoint; the saved mean must come back), the judge's WER components and "
+                              "each sentence's words missed (from the run's eval folders; they must average to the "
+                              "components).")
 
 
 def main(argv):
@@ -73,7 +74,7 @@ def _backfill(ablate, out: str) -> None:
     try:
       if ablate.add_wer_components(path):
         done += 1
-        print(f"[e2etts-ablate] WER components added to {path}", flush=True)
+        print(f"[e2etts-ablate] WER components / per-utterance words missed added to {path}", flush=True)
     except (OSError, ValueError) as e:
       failed += 1
       print(f"[e2etts-ablate] backfill: {e}", flush=True)
