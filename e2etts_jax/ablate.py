@@ -173,10 +173,15 @@ def _commit() -> Optional[str]:
 
 
 def machine() -> str:
+  """What the run trained on, e.g. 'CPU, 1 of 2 cores (x86_64)' for a process pinned (taskset) to one core of two:
+  studies run one process per core, and its time is that core's, not the machine's."""
   import jax
   dev = jax.devices()[0]
   kind = f"{jax.device_count()}x {dev.device_kind}" if jax.default_backend() != "cpu" else "CPU"
-  return f"{kind}, {os.cpu_count()} cores ({platform.machine()})"
+  total = os.cpu_count()
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
+  cores = f"{total} cores" if usable == total else f"{usable} of {total} cores"
+  return f"{kind}, {cores} ({platform.machine()})"
 
 
 def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str],

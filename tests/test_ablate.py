@@ -293,3 +293,11 @@ def test_add_wer_components_fills_per_utterance_missed_only_from_the_eval_that_w
   with pytest.raises(ValueError, match="miss 41.0000% of words on average, the saved WER components 40.0000%"):
     ablate.add_wer_components(str(run / "results.json"))
   assert json.loads((run / "results.json").read_text()) == saved
+
+
+def test_machine_names_the_cores_the_process_may_use(monkeypatch):
+  monkeypatch.setattr(os, "cpu_count", lambda: 4)
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+  assert ablate.machine().startswith("CPU, 4 cores (")
+  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)   # taskset -c 1
+  assert ablate.machine().startswith("CPU, 1 of 4 cores (")
