@@ -16,6 +16,7 @@ INSTALL_REQUIRES = [
     "absl-py>=2.1",
     "jiwer>=4.0,<5",
     "numpy>=1.26",
+    "threadpoolctl>=3.1",
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
