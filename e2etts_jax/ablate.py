@@ -110,6 +110,10 @@ CLAIMS = (
     ("e2e", "cascaded_equal_flops", "resynthesis_missed"),
     ("e2e", "recognition_tokenizer", "resynthesis_missed"),
     ("e2e", "recognition_tokenizer_equal_flops", "resynthesis_missed"),
+    ("e2e", "cascaded", "tts_missed"),
+    ("e2e", "cascaded_equal_flops", "tts_missed"),
+    ("e2e", "recognition_tokenizer", "tts_missed"),
+    ("e2e", "recognition_tokenizer_equal_flops", "tts_missed"),
 )
 SYSTEMS = ("tts", "resynthesis", "ceiling")
 # A claim's metric: a system's WER ratio to the ceiling, or `mel_mse`, the resynthesis mel error (main job), or
@@ -518,9 +522,9 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
             "ground truth -> tokenizer -> FM against the ground-truth log-mel, no vocoder, on the scored sentences; "
             "on the share of TTS outputs whose prompt speaker the RM does not rank first for `speaker_miss`; on "
             "the judge's substitutions + deletions in % of reference words, its WER without the insertions, for "
-            "`resynthesis_missed`); "
+            "`resynthesis_missed` and `tts_missed`); "
             "utterance bootstrap: paired over every scored sentence of those seeds (mean WER difference a - b, "
-            "in WER %; for `mel_mse`, the mean mel error difference; for `resynthesis_missed`, in % of words; "
+            "in WER %; for `mel_mse`, the mean mel error difference; for `*_missed`, in % of words; "
             "'k of n seeds' where runs saved before the per-utterance figures leave seeds out of it).", "",
             "| claim: a beats b on | config, budget (study) | seeds | a: mean ± std | b: mean ± std | t-test p | "
             "utt. diff (p) | verdict |", "|---|---|---|---|---|---|---|---|"]

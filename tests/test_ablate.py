@@ -155,7 +155,7 @@ def _row(variant, seed, tts, utt_wers, utt_mel=None, utt_missed=True):
           "batch_size": 8, "machine": "CPU", "ratio": {"tts": tts, "resynthesis": None},
           "wer": {"ceiling": 20.0}, "per_utterance_wer": {"tts": dict(zip("abc", utt_wers))},
           "mel_mse": 2.0 * tts, "speaker_first": {"tts": 1.0 - tts / 10.0},
-          "wer_components": {"resynthesis": _components(40.0 * tts)},
+          "wer_components": {"resynthesis": _components(40.0 * tts), "tts": _components(30.0 * tts)},
           **({} if utt_mel is None else {"per_utterance_mel_mse": dict(zip("abc", utt_mel))}),
           **({"per_utterance_missed": {"resynthesis": _missed(40.0 * tts, "abc")}} if utt_missed else {})}
 
@@ -216,6 +216,9 @@ def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   assert missed["n_seeds"] == 3 and (missed["utt_seeds"], missed["n_utterances"]) == (2, 6)
   np.testing.assert_allclose(missed["utt_diff"], 32 * np.mean(np.subtract(a[:2], b[:2])))
   assert (c["utt_seeds"], spk["utt_seeds"], m["utt_seeds"]) == (3, 0, 2)
+  tts_missed = ablate.compare(loaded, "e2e", "cascaded", "tts" + ablate.MISSED)   # any system's, by its name
+  np.testing.assert_allclose([tts_missed["mean_a"], tts_missed["mean_b"]], [24 * np.mean(a), 24 * np.mean(b)])
+  assert tts_missed["utt_diff"] is None   # no per-utterance counts saved for tts here
   md = ablate.write_report([str(tmp_path)], str(tmp_path / "docs" / "results.md"))
   assert md == (tmp_path / "docs" / "results.md").read_text()
   assert f"| {tmp_path.name} | small | 4 x 8 | 2/2/0 | cascaded | 0 | CPU | 1.90 | - | 20.0 | 3.800 |" in md
