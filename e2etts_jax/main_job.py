@@ -16,9 +16,10 @@ Phases (each cached or resumable, so a re-run redoes only what is missing):
   5. summary: a table (WER of each system and its ratio to the ceiling, SIM, RTF, final losses, code-usage
      perplexity, phase times) printed and written to <workdir>/summary.json and summary.md.
 
-The 30-minute budget on 2 CPU cores. QUICKSTART_DEFAULTS replace config values (step counts, length buckets,
-logging) unless the same key is given on the command line (--config.train.stage1.steps=... always wins); they
-were set from measured step times, see their comments. Everything else comes from the config file.
+The 30-minute budget on 2 CPU cores. QUICKSTART_DEFAULTS replace config values (step counts, length buckets, the
+shapes of the tokenizer, LLM and RM, stage learning rates, logging) unless the same key is given on the command
+line (--config.train.stage1.steps=... always wins); they were set from measured step times and studies, see their
+comments, and the summary names the networks it trained. Everything else comes from the config file.
 """
 from __future__ import annotations
 
@@ -35,27 +36,36 @@ import numpy as np
 
 from e2etts_jax import config_lib
 
-# Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line. Measured on 2
-# cores shared with other jobs (load ~5): at batch 16 a stage-1 step takes ~7.5 s at 200 frames and ~12 s at 400
-# (137 / 271 GFLOP; the cores peak at ~50 GFLOP/s), and every (stage, length bucket) pair compiles once for
-# 50-80 s. So: batch 8 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus; 3 compiles), where a
-# step takes ~3.5 s (stage 1), ~2.2 s (stage 2) and ~1.7 s (stage 3); 150/75/75 steps (the config's 2:1:1) are
-# ~14 min of steps plus ~3 min of compiles.
+# Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line.
+# - Batch 8 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus): every (stage, length bucket) pair
+#   compiles once for 30-60 s, and a batch of 16 at 400 frames costs ~3x a batch of 8 at 250.
+# - Where the steps go: the FM's capacity and steps are what resynthesis waits on (docs/diagnosis.md: small's FM
+#   reads far better than mini's, and 1500 -> 3000 stage-1 steps keep paying), while on this corpus the other three
+#   networks gain little from small's width (a 5x larger LLM: -0.07 nats). So the budget keeps small's FM, with a
+#   4-layer token encoder and stage-1 LR 2e-3 (the two changes that moved resynthesis most), and gives the
+#   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores a stage-1 step then takes ~0.95 s
+#   (stage 2 ~0.67 s, stage 3 ~0.69 s) instead of small's 1.36 s, and 800/150/150 steps fit with ~2 min of
+#   compiles.
+_MINI = config_lib.get_config("mini")
+_NET_SHAPE = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "data.batch_size": 8,
     "data.max_seconds": 5.0,
     "data.max_frames": 250,
     "data.bucket_boundaries": (250,),
-    "train.stage1.steps": 150,
-    "train.stage2.steps": 75,
-    "train.stage3.steps": 75,
+    **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
+    "fm.encoder_layers": 4,
+    "train.stage1.learning_rate": 2e-3,
+    "train.stage1.steps": 800,
+    "train.stage2.steps": 150,
+    "train.stage3.steps": 150,
     # 75 steps at the config's 1e-4 barely move stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3
     # seeds); from the same stage-2 checkpoints, 3e-4 lowers every stage-3 term in all 3 seeds, each further than
     # 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raises the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
     "train.stage3.learning_rate": 3e-4,
     "train.log_every": 10,
-    "train.eval_every": 50,       # held-out losses: 4 forward batches, ~2 s each time
-    "train.checkpoint_every": 100,
+    "train.eval_every": 100,      # held-out losses: 4 forward batches, ~1 s each time
+    "train.checkpoint_every": 200,
     "train.keep_checkpoints": 2,
 }}
 # Below this training code perplexity the tokenizer has collapsed onto (almost) one code; the summary says so.
@@ -235,7 +245,10 @@ def summary_markdown(summary: Mapping) -> str:
   ceil_wer = (ev.get("ceiling") or {}).get("wer")
   lines = ["# Main job summary", "", f"workdir: `{summary['workdir']}`  ", f"config: {summary['config_name']} "
            f"(steps {summary['steps']}), corpus {summary['corpus']['utterances']} utterances "
-           f"({summary['corpus']['hours']:.2f} h), test items scored: {summary.get('eval_items')}", "",
+           f"({summary['corpus']['hours']:.2f} h), test items scored: {summary.get('eval_items')}  "]
+  if summary.get("networks"):
+    lines += [_network_line(summary["networks"])]
+  lines += ["",
            "| system | WER % [95% CI] | WER / ceiling | SIM (internal RM) | RTF | scored / failed |",
            "|---|---|---|---|---|---|"]
   for name in ("tts", "resynthesis", "ceiling"):
@@ -287,6 +300,26 @@ def summary_markdown(summary: Mapping) -> str:
   lines += [f"| total | {summary['total_seconds']:.1f} |", ""]
   lines += ["paths:"] + [f"- {k}: `{v}`" for k, v in summary["paths"].items()]
   return "\n".join(lines) + "\n"
+
+
+def network_shapes(config: ml_collections.ConfigDict, params: Mapping) -> dict[str, dict]:
+  """{network: {d_model, num_layers, mlp_dim, params}} of the trained system (the budget defaults change them, so
+  the summary says what was trained); the FM's token-encoder layers too."""
+  import jax
+  shapes = {}
+  for net in config_lib.NETWORKS:
+    c = config[net]
+    shapes[net] = {"d_model": int(c.d_model), "num_layers": int(c.num_layers), "mlp_dim": int(c.mlp_dim),
+                   "params": int(sum(x.size for x in jax.tree.leaves(params[net])))}
+  shapes["fm"]["encoder_layers"] = int(config.fm.encoder_layers)
+  return shapes
+
+
+def _network_line(networks: Mapping) -> str:
+  def one(name, n):
+    enc = f" + {n['encoder_layers']}-layer token encoder" if "encoder_layers" in n else ""
+    return f"{name} d{n['d_model']} x {n['num_layers']}{enc} ({n['params'] / 1e6:.2f}M)"
+  return "networks: " + ", ".join(one(k, v) for k, v in networks.items())
 
 
 def _eval_summary(results: Mapping) -> dict:
@@ -392,6 +425,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "final_losses": losses, "loss_keys": loss_keys,
       "tts_code_perplexity": synthesis.code_usage_perplexity(synth, tts_tokens) if tts_tokens else None,
       "codebook_size": synth.system.fsq.codebook_size,
+      "networks": network_shapes(synth.system.config, synth.params),
       "global_step": result.global_step,
       "paths": {
           "tts_wavs": os.path.join(eval_dir, "tts", "wavs"),

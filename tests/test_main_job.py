@@ -16,6 +16,14 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   config_lib.validate(full, 1)
   for stage in config_lib.STAGES:
     assert full.train[stage].warmup_steps <= full.train[stage].steps
+  # The budget trains small's FM (with a 4-layer token encoder) beside mini-shaped tokenizer, LLM and RM.
+  small, mini = config_lib.get_config("small"), config_lib.get_config("mini")
+  for net in ("tokenizer", "llm", "rm"):
+    assert full[net].to_dict() == {**small[net].to_dict(), **{k: mini[net][k] for k in main_job._NET_SHAPE}}
+  assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
+  assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate
+  wide = config_lib.get_config("small")
+  assert "llm.d_model" not in main_job.apply_defaults(wide, {"llm.d_model"}) and wide.llm.d_model == 192
   # Sizes without budget values are left alone.
   tiny = config_lib.get_config("tiny")
   assert main_job.apply_defaults(tiny, set()) == {}
@@ -42,6 +50,20 @@ def test_eval_manifest_drops_utterances_too_long_for_the_model(tmp_path):
   kept = [json.loads(l) for l in open(out)]
   assert [r["id"] for r in kept] == ["u0", "u1"]
   assert all(r["audio"].startswith(str(tmp_path)) for r in kept)   # absolute: the list lives elsewhere
+
+
+def test_network_shapes_name_what_was_trained():
+  import jax
+  from e2etts_jax import system as system_lib
+  c = config_lib.get_config("small")
+  main_job.apply_defaults(c, set())
+  info = system_lib.DataInfo.for_config(c)
+  params = jax.eval_shape(system_lib.System(c, info).init, jax.random.key(0))
+  shapes = main_job.network_shapes(c, params)
+  assert {k: v["params"] for k, v in shapes.items()} == system_lib.parameter_counts(c, info)
+  assert shapes["llm"]["d_model"] == 96 and shapes["fm"]["d_model"] == 192 and shapes["fm"]["encoder_layers"] == 4
+  assert "fm d192 x 4 + 4-layer token encoder (" in main_job._network_line(shapes)
+  assert main_job._network_line(shapes).startswith("networks: tokenizer d96 x 2 (")
 
 
 def test_final_losses_and_summary_table(tmp_path):
@@ -72,7 +94,9 @@ def test_final_losses_and_summary_table(tmp_path):
   summary["speaker_ranking"] = {"speakers": 4, "tts": {"top1": 0.5, "n": 2}, "ceiling": {"top1": 1.0, "n": 2}}
   assert ("first of 4; chance 25%): tts 50% of 2, ceiling 100% of 2"
           in main_job.summary_markdown(summary))
-  assert "warning" not in md
+  assert "warning" not in md and "networks:" not in md
+  summary["networks"] = {"fm": {"d_model": 8, "num_layers": 2, "mlp_dim": 16, "params": 1234567, "encoder_layers": 1}}
+  assert "\nnetworks: fm d8 x 2 + 1-layer token encoder (1.23M)\n" in main_job.summary_markdown(summary)
   losses["stage3"]["late/loss/fm"] = 0.5
   assert "did not fall: stage3 loss/fm" in main_job.summary_markdown(summary)
   losses["stage3"]["codes/perplexity"] = 1.0
