@@ -63,6 +63,11 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # seeds); from the same stage-2 checkpoints, 3e-4 lowers every stage-3 term in all 3 seeds, each further than
     # 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raises the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
     "train.stage3.learning_rate": 3e-4,
+    # With these networks the E2E terms' first steps pull the LLM off its next-token optimum: at weight 1 the
+    # held-out next-token loss rises in stage 3 (+0.03 nats, seed 0) while it falls without the E2E terms
+    # (-0.012); LR 1e-4 does not stop that (+0.026), weight 2 leaves it flat (+0.001), and 3 lowers every term
+    # (LLM -0.005, E2E ASR -0.027 against -0.098 at weight 1; docs/diagnosis.md).
+    "train.stage3.weights.llm": 3.0,
     "train.log_every": 10,
     "train.eval_every": 100,      # held-out losses: 4 forward batches, ~1 s each time
     "train.checkpoint_every": 200,

@@ -22,6 +22,7 @@ def test_budget_defaults_fit_and_yield_to_overrides():
     assert full[net].to_dict() == {**small[net].to_dict(), **{k: mini[net][k] for k in main_job._NET_SHAPE}}
   assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
   assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate
+  assert full.train.stage3.weights.to_dict() == {**small.train.stage3.weights.to_dict(), "llm": 3.0}
   wide = config_lib.get_config("small")
   assert "llm.d_model" not in main_job.apply_defaults(wide, {"llm.d_model"}) and wide.llm.d_model == 192
   # Sizes without budget values are left alone.
