@@ -43,9 +43,9 @@ from e2etts_jax import config_lib
 #   reads far better than mini's, and 1500 -> 3000 stage-1 steps keep paying), while on this corpus the other three
 #   networks gain little from small's width (a 5x larger LLM: -0.07 nats). So the budget keeps small's FM, with a
 #   4-layer token encoder and stage-1 LR 2e-3 (the two changes that moved resynthesis most), and gives the
-#   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores a stage-1 step then takes ~0.95 s
-#   (stage 2 ~0.67 s, stage 3 ~0.69 s) instead of small's 1.36 s, and 800/150/150 steps fit with ~2 min of
-#   compiles.
+#   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores (AMD EPYC) a stage-1 step then takes
+#   0.84 s (stages 2 and 3 ~0.8-0.9 s) instead of small's 1.36 s, and 800/150/150 steps took 18 min with the
+#   compiles, 22 min in all with the corpus and the scoring.
 _MINI = config_lib.get_config("mini")
 _NET_SHAPE = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
@@ -59,14 +59,15 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.stage1.steps": 800,
     "train.stage2.steps": 150,
     "train.stage3.steps": 150,
-    # 75 steps at the config's 1e-4 barely move stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3
-    # seeds); from the same stage-2 checkpoints, 3e-4 lowers every stage-3 term in all 3 seeds, each further than
-    # 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raises the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
+    # Measured at the former budget (small's four networks, 150/75/75): 75 steps at the config's 1e-4 barely moved
+    # stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3 seeds); from the same stage-2 checkpoints, 3e-4
+    # lowered every stage-3 term in all 3 seeds, each further than 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raised
+    # the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
     "train.stage3.learning_rate": 3e-4,
     # With these networks the E2E terms' first steps pull the LLM off its next-token optimum: at weight 1 the
-    # held-out next-token loss rises in stage 3 (+0.03 nats, seed 0) while it falls without the E2E terms
+    # held-out next-token loss rose in stage 3 (+0.03 nats, seed 0) while it falls without the E2E terms
     # (-0.012); LR 1e-4 does not stop that (+0.026), weight 2 leaves it flat (+0.001), and 3 lowers every term
-    # (LLM -0.005, E2E ASR -0.027 against -0.098 at weight 1; docs/diagnosis.md).
+    # (LLM -0.005, E2E ASR -0.027 against -0.098 at weight 1; docs/main_job/stage3_llm_weight.json).
     "train.stage3.weights.llm": 3.0,
     "train.log_every": 10,
     "train.eval_every": 100,      # held-out losses: 4 forward batches, ~1 s each time
