@@ -16,7 +16,7 @@ from e2etts_jax.models import flow_matching
 
 NETWORKS = ("tokenizer", "llm", "fm", "rm")
 STAGES = ("stage1", "stage2", "stage3")
-LOSS_TERMS = ("llm", "rm", "fm", "usage", "e2e_fm", "e2e_asr", "e2e_spk")
+LOSS_TERMS = ("llm", "llm_align", "rm", "fm", "usage", "e2e_fm", "e2e_asr", "e2e_spk")
 # The stage-1 terms that can shape the token space (train.<stage>.token_grads).
 TOKEN_GRAD_TERMS = ("llm", "rm", "fm")
 DTYPES = ("float32", "bfloat16")
@@ -119,6 +119,10 @@ def base_config() -> ml_collections.ConfigDict:
       "top_p": 0.8,
       "ras_window": 10,
       "ras_tau": 0.1,
+      # The stage weight `llm_align` (default 0: off) adds guided attention (llm.alignment_loss) to the first
+      # align_heads heads of the last layer: a diagonal text-alignment prior of width align_sigma.
+      "align_heads": 1,
+      "align_sigma": 0.2,
   })
 
   c.fm = ml_collections.ConfigDict({
@@ -388,6 +392,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     if s.steps and s.weights.usage and "tokenizer" not in parse_list(s.trainable):
       raise ConfigError(f"train.{stage}.weights.usage={s.weights.usage} regularises the tokenizer, which "
                         f"train.{stage}.trainable does not train: set it to 0")
+  if not 1 <= c.llm.align_heads <= c.llm.num_heads:
+    raise ConfigError(f"llm.align_heads={c.llm.align_heads} must be between 1 and llm.num_heads={c.llm.num_heads}")
+  if c.llm.align_sigma <= 0:
+    raise ConfigError(f"llm.align_sigma={c.llm.align_sigma} must be > 0")
   for key in ("eval_every", "eval_batches"):
     if c.train[key] < 0:
       raise ConfigError(f"train.{key}={c.train[key]} must be >= 0 (0 turns held-out losses off)")

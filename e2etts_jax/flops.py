@@ -53,7 +53,7 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
     total += fwd["rm"] * mult("rm", tok_through and w["rm"] > 0)
   if w["fm"]:
     total += fwd["fm"] * mult("fm", tok_through)
-  if w["llm"] or e2e:
+  if w["llm"] or w["llm_align"] or e2e:
     total += fwd["llm"] * mult("llm", tok_through)
   if w["e2e_fm"]:
     total += fwd["fm"] * mult("fm", True)

@@ -231,6 +231,8 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
         late = [r[k] for r in stage_rows[-third:] if k in r]
       if early and late:
         keep[f"early/{k}"], keep[f"late/{k}"] = sum(early) / len(early), sum(late) / len(late)
+    if keep["trend"] and "llm/text_gain" in held[0] and "llm/text_gain" in held[-1]:
+      keep["early/llm/text_gain"], keep["late/llm/text_gain"] = held[0]["llm/text_gain"], held[-1]["llm/text_gain"]
     sps = [r["steps_per_s"] for r in stage_rows if r.get("steps_per_s")]
     if sps:
       keep["step_s"] = 1.0 / (sum(sps) / len(sps))
@@ -286,6 +288,11 @@ def summary_markdown(summary: Mapping) -> str:
     lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} |")
   lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
+  gains = [f"{stage} {v['early/llm/text_gain']:.3f} -> {v['late/llm/text_gain']:.3f}"
+           for stage, v in summary["final_losses"].items() if "late/llm/text_gain" in v]
+  if gains:
+    lines += ["", "LLM text gain (held-out next-token loss with another utterance's text minus with its own, nats "
+                  "per token; near 0, the LLM ignores its text): " + ", ".join(gains)]
   rank = summary.get("speaker_ranking") or {}
   if rank.get("speakers", 0) >= 2:
     cells = [f"{k} {100 * rank[k]['top1']:.0f}% of {rank[k]['n']}" for k in ("tts", "resynthesis", "ceiling")

@@ -106,13 +106,26 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     metrics["loss/fm"] = fm_total
     metrics.update({f"fm/{k}": v for k, v in fm_metrics.items()})
 
-  if w["llm"] or any(w[t] for t in E2E_TERMS):
+  if w["llm"] or w["llm_align"] or any(w[t] for t in E2E_TERMS):
     logits = system.llm.apply({"params": p["llm"]}, batch["text_ids"], batch["text_mask"], codes_for["llm"], tmask,
-                              rngs=rngs["llm"])
+                              rngs=rngs["llm"], mutable=["intermediates"] if w["llm_align"] else False)
+    if w["llm_align"]:
+      logits, state = logits
+      probs = llm_lib.last_layer_attention(state["intermediates"])[:, :config.llm.align_heads]
+      align = llm_lib.alignment_loss(probs, jnp.sum(batch["text_mask"], axis=1), jnp.sum(tmask, axis=1),
+                                     config.llm.align_sigma)
+      metrics["loss/llm_align"] = align
+      total += w["llm_align"] * align
     llm_total, llm_metrics = llm_lib.llm_loss(logits, indices, tmask)
     metrics["loss/llm"] = llm_total
     metrics.update({f"llm/{k}": v for k, v in llm_metrics.items()})
     total += w["llm"] * llm_total
+    if not train:
+      # How much the LLM reads its text: its loss with the next row's text instead of its own, minus its loss
+      # (nats per token; ~0 means it predicts speech from the speech alone, and TTS cannot say the words).
+      other = system.llm.apply({"params": p["llm"]}, jnp.roll(batch["text_ids"], 1, axis=0),
+                               jnp.roll(batch["text_mask"], 1, axis=0), codes_for["llm"], tmask)
+      metrics["llm/text_gain"] = llm_lib.llm_loss(other, indices, tmask)[0] - llm_total
 
     if any(w[t] for t in E2E_TERMS):
       # Teacher-forced distribution over speech tokens at each speech position (eos column and eos position

@@ -29,6 +29,9 @@ from e2etts_jax.system import DataInfo, System
 
 log = logging.getLogger(__name__)
 
+# Held-out metrics kept beside the loss terms (objectives.loss_fn computes them only with train=False).
+HELD_OUT_METRICS = ("llm/text_gain",)
+
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
@@ -321,7 +324,7 @@ class _HeldOut:
       if key not in self.fns:
         self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
       metrics = self.fns[key](params, batch, jax.random.fold_in(self.rng, i))
-      per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/")})
+      per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/") or k in HELD_OUT_METRICS})
     # One transfer for all batches: the host waits once, not once per batch.
     host = [_host(m) for m in jax.device_get(per_batch)]
     row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}

@@ -9,7 +9,8 @@ import pytest
 from e2etts_jax import config_lib
 from e2etts_jax.models import generation, layers
 from e2etts_jax.models.fsq import FSQ
-from e2etts_jax.models.llm import SpeechLLM, generate, generate_reference, llm_loss
+from e2etts_jax.models.llm import (SpeechLLM, alignment_loss, generate, generate_reference, last_layer_attention,
+                                   llm_loss)
 
 TEXT_VOCAB = 64
 B, TT, TS = 3, 7, 9
@@ -128,6 +129,101 @@ def test_llm_loss_targets_and_metrics():
   np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["acc"]), 4 / 5)
   np.testing.assert_allclose(float(metrics["eos_acc"]), 1 / 2)
+
+
+def _alignment_loss_loop(probs, text_len, speech_len, sigma):
+  """alignment_loss written out query by query and key by key, from its docstring."""
+  total, count = 0.0, 0
+  for b in range(probs.shape[0]):
+    n, m = int(text_len[b]), int(speech_len[b])
+    for h in range(probs.shape[1]):
+      for j in range(m + 1):
+        q = n + 1 + j                                             # task, then speech_1..speech_m
+        cost = 0.0
+        for k in range(probs.shape[-1]):
+          if 1 <= k <= n:
+            d = (k - 1 + 0.5) / n - (j + 0.5) / (m + 1)
+            cost += probs[b, h, q, k] * (1.0 - np.exp(-d * d / (2 * sigma ** 2)))
+          else:
+            cost += probs[b, h, q, k]
+        total, count = total + cost, count + 1
+  return total / count
+
+
+def test_alignment_loss_matches_loop_and_its_extremes():
+  r = np.random.default_rng(3)
+  b, h, t = 3, 2, TT + TS + 2
+  valid = np.arange(t)[None] < (TEXT_LEN + SPEECH_LEN + 2)[:, None]
+  mask = np.asarray(layers.attention_mask(jnp.asarray(valid), jnp.asarray(valid), True))    # [b, 1, t, t]
+  probs = np.where(mask, np.exp(r.normal(size=(b, h, t, t)) * 3), 0.0)
+  probs = probs / np.maximum(probs.sum(-1, keepdims=True), 1e-30)      # padding queries: all zero
+  got = alignment_loss(jnp.asarray(probs, jnp.float32), jnp.asarray(TEXT_LEN), jnp.asarray(SPEECH_LEN), 0.2)
+  np.testing.assert_allclose(float(got), _alignment_loss_loop(probs, TEXT_LEN, SPEECH_LEN, 0.2), rtol=1e-5)
+  # All weight on the task position (never text): cost 1. All weight on the diagonal piece: near 0.
+  on_task = np.zeros_like(probs)
+  diagonal = np.zeros_like(probs)
+  for i in range(b):
+    n, m = TEXT_LEN[i], SPEECH_LEN[i]
+    for j in range(m + 1):
+      on_task[i, :, n + 1 + j, n + 1] = 1.0
+      diagonal[i, :, n + 1 + j, 1 + min(int((j + 0.5) / (m + 1) * n), n - 1)] = 1.0
+  lens = (jnp.asarray(TEXT_LEN), jnp.asarray(SPEECH_LEN))
+  assert float(alignment_loss(jnp.asarray(on_task), *lens, 0.2)) == pytest.approx(1.0, abs=1e-6)
+  near = float(alignment_loss(jnp.asarray(diagonal), *lens, 0.2))
+  np.testing.assert_allclose(near, _alignment_loss_loop(diagonal, TEXT_LEN, SPEECH_LEN, 0.2), rtol=1e-5)
+  assert near < 0.2
+
+
+def test_sown_attention_weights_leave_logits_unchanged(setup):
+  s = setup
+  plain = s["apply"](s["params"], s["text"], s["text_mask"], s["codes"], s["speech_mask"])
+  logits, state = s["model"].apply(s["params"], s["text"], s["text_mask"], s["codes"], s["speech_mask"],
+                                   mutable=["intermediates"])
+  np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain))
+  probs = np.asarray(last_layer_attention(state["intermediates"]))
+  t = TT + TS + 2
+  assert probs.shape == (B, 2, t, t)
+  valid = np.arange(t)[None] < (TEXT_LEN + SPEECH_LEN + 2)[:, None]
+  rows = np.broadcast_to(valid[:, None], probs.shape[:3])
+  np.testing.assert_allclose(probs.sum(-1)[rows], 1.0, atol=1e-5)
+  future = np.triu(np.ones((t, t), bool), 1)                   # key after query: causal weight 0
+  assert np.all(probs[np.broadcast_to(rows[..., None] & future, probs.shape)] == 0)
+
+
+def test_alignment_loss_trains_a_diagonal_head(setup):
+  """Gradient steps on next-token + alignment loss make head 0 of the last layer read the text in order."""
+  model = setup["model"]
+  params = nn.unbox(setup["params"]["params"])
+  lens = (jnp.sum(setup["text_mask"], 1), jnp.sum(setup["speech_mask"], 1))
+  opt = optax.adam(1e-2)
+
+  def loss_fn(p):
+    logits, state = model.apply({"params": p}, setup["text"], setup["text_mask"], setup["codes"],
+                                setup["speech_mask"], mutable=["intermediates"])
+    probs = last_layer_attention(state["intermediates"])[:, :1]
+    align = alignment_loss(probs, *lens, 0.2)
+    return llm_loss(logits, setup["idx"], setup["speech_mask"])[0] + align, (align, probs)
+
+  @jax.jit
+  def step(p, st):
+    (_, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+    u, st = opt.update(g, st, p)
+    return optax.apply_updates(p, u), st, aux
+
+  st = opt.init(params)
+  aligns = []
+  for _ in range(100):
+    params, st, (align, probs) = step(params, st)
+    aligns.append(float(align))
+  print(f"alignment loss {aligns[0]:.3f} -> {aligns[-1]:.3f}")
+  assert aligns[-1] < 0.5 * aligns[0]
+  # Row 0 (7 text pieces, 9 speech tokens + eos): the text piece head 0 weighs most follows the diagonal to
+  # within one piece, and most of its weight is on text.
+  probs = np.asarray(probs)
+  j = np.arange(TS + 1)
+  read = np.argmax(probs[0, 0, TT + 1:TT + TS + 2, 1:TT + 1], -1)
+  np.testing.assert_array_less(np.abs(read - np.floor((j + 0.5) / (TS + 1) * TT)), 1.5)
+  assert probs[0, 0, TT + 1:TT + TS + 2, 1:TT + 1].sum(-1).min() > 0.5
 
 
 def _sp(**kw):

@@ -111,7 +111,8 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
   c.train.stage1.steps, c.train.stage2.steps, c.train.stage3.steps = 4, 2, 0
   (tmp_path / "config.json").write_text(c.to_json())
   rows = [{"step": s, "split": "train", "loss/fm": float(s)} for s in range(1, 7)]   # training fm rises
-  rows += [{"step": s, "split": "eval", "stage": 1.0, "loss/fm": 3.0 - s / 2} for s in (0, 2, 4)]
+  rows += [{"step": s, "split": "eval", "stage": 1.0, "loss/fm": 3.0 - s / 2, "llm/text_gain": s / 8}
+           for s in (0, 2, 4)]
   rows += [{"step": 4, "split": "eval", "stage": 2.0, "loss/fm": 0.9}]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   losses = main_job.final_losses(str(tmp_path))
@@ -123,6 +124,10 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
              "loss_keys": ["loss/fm"], "codebook_size": 27, "phases": {}, "total_seconds": 0.0, "paths": {}}
   md = main_job.summary_markdown(summary)
   assert "| stage1 | 4 | 3.000 -> 1.000 |" in md and "did not fall: stage2 loss/fm" in md
+  # The LLM's text gain (held-out only), start -> end of the stages that have it.
+  assert (losses["stage1"]["early/llm/text_gain"], losses["stage1"]["late/llm/text_gain"]) == (0.0, 0.5)
+  assert "late/llm/text_gain" not in losses["stage2"]
+  assert "nats per token; near 0, the LLM ignores its text): stage1 0.000 -> 0.500\n" in md
   assert "first -> the last third" in md   # not every stage has held-out rows
   losses.pop("stage2")
   assert "held-out, at each stage's start -> end" in main_job.summary_markdown(summary)

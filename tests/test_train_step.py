@@ -137,6 +137,30 @@ def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system):
       assert g[frozen] == 0, (path, frozen)
 
 
+def test_llm_alignment_term_trains_the_llm_alone(system):
+  """The guided-attention term (weight llm_align) is reported and its gradient reaches only the LLM."""
+  system.config.train.stage2.weights.llm_align = 1.0
+  params = _trained_like_params(system, jax.random.key(0))
+  batch = system.random_batch(4, 100, seed=1)
+  norms = _jacobian_norms(system, "stage2", ("llm_align",), params, batch)["llm_align"]
+  assert norms["llm"] > 0
+  assert norms["tokenizer"] == norms["fm"] == norms["rm"] == 0
+
+
+def test_held_out_text_gain_compares_own_and_next_rows_text(system):
+  """llm/text_gain (held-out only) is the next-token loss with the next row's text minus with its own: exactly 0
+  when every row has the same text, and not 0 otherwise."""
+  params = _trained_like_params(system, jax.random.key(0))
+  batch = system.random_batch(4, 100, seed=1)
+  fn = jax.jit(lambda b, train: objectives.loss_fn(params, b, jax.random.key(2), system=system, stage="stage2",
+                                                    train=train)[1], static_argnums=1)
+  assert "llm/text_gain" not in fn(batch, True)
+  assert float(fn(batch, False)["llm/text_gain"]) != 0.0
+  same = {**batch, "text_ids": jnp.broadcast_to(batch["text_ids"][:1], batch["text_ids"].shape),
+          "text_mask": jnp.broadcast_to(batch["text_mask"][:1], batch["text_mask"].shape)}
+  assert float(fn(same, False)["llm/text_gain"]) == 0.0
+
+
 @pytest.mark.parametrize("token_grads", ["llm,rm,fm", "rm"])
 def test_stage1_token_grads_name_the_terms_that_shape_the_tokenizer(system, token_grads):
   """Every stage-1 term trains its own network either way; only the named ones also reach the tokenizer."""

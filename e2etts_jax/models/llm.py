@@ -141,4 +141,37 @@ def llm_loss(logits: Array, target_indices: Array, speech_mask: Array) -> tuple[
   return loss, dict(acc=layers.masked_mean(correct, valid), eos_acc=layers.masked_mean(correct, is_eos))
 
 
+def last_layer_attention(intermediates: dict) -> Array:
+  """The attention weights [B, H, T, T] of the decoder's last layer, from the 'intermediates' collection of an
+  apply with mutable=['intermediates'] (layers.Attention sows them; the layer scan stacks them)."""
+  return intermediates["decoder"]["layers"]["attn"]["probs"][0][-1]
+
+
+def alignment_loss(probs: Array, text_len: Array, speech_len: Array, sigma: float) -> Array:
+  """Guided attention (DC-TTS, Tachibana et al. 2018) on the packed sequence [sos, text, task, speech].
+
+  On a small corpus a decoder-only TTS model is slow to find which text piece each speech token says (held-out
+  next-token loss barely moves from what the speech alone predicts). This cost gives the constrained heads that
+  alignment as a prior: each speech position should attend to text, near the diagonal.
+  probs [B, H, T, T] (T = Tt + Ts + 2, the LLM's packed length) weights of the heads to constrain; text_len [B],
+  speech_len [B] int. Queries: the positions that predict speech token j = 0..m (m = speech_len; j = m is eos),
+  i.e. task, speech_1..speech_m. A key on text piece i (of n) costs
+  1 - exp(-((i + 1/2) / n - (j + 1/2) / (m + 1))^2 / (2 sigma^2)); every other key (sos, task, speech) costs 1.
+  Returns the weight-averaged cost over those queries and the heads: 0 when all weight lies on the diagonal piece,
+  1 when none lies on text.
+  """
+  t = probs.shape[-1]
+  p = jnp.arange(t)[None, :]
+  lt, ls = text_len.astype(jnp.int32)[:, None], speech_len.astype(jnp.int32)[:, None]
+  j = p - lt - 1                                                            # [B, T] query's speech index
+  i = p - 1                                                                 # [B, T] key's text index
+  queries = (j >= 0) & (j <= ls)
+  qn = (j + 0.5) / (ls + 1).astype(jnp.float32)
+  kn = (i + 0.5) / jnp.maximum(lt, 1).astype(jnp.float32)
+  cost = 1.0 - jnp.exp(-jnp.square(kn[:, None, :] - qn[:, :, None]) / (2.0 * sigma ** 2))    # [B, Tq, Tk]
+  cost = jnp.where(((i >= 0) & (i < lt))[:, None, :], cost, 1.0)
+  per_query = jnp.einsum("bhqk,bqk->bhq", probs.astype(jnp.float32), cost)
+  return layers.masked_mean(per_query, queries[:, None, :])
+
+
 from e2etts_jax.models.generation import generate, generate_reference  # noqa: E402  (re-export)
