@@ -547,8 +547,11 @@ def plan_corpus(num_utterances: int, seed: int, voices: Sequence[Voice], test_fr
 
 
 def _write_jsonl(path: str, records: Iterable[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
+  # A temp file of its own per write: runs sharing a corpus folder each rewrite its manifest, and a shared temp
+  # name let one run's replace move the other's file away mid-write (FileNotFoundError).
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".", suffix=".tmp")
+  os.fchmod(fd, 0o644)   # mkstemp's 0600 would hide the manifest from other users of a shared corpus
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
     for rec in records:
       f.write(json.dumps(rec, sort_keys=True, ensure_ascii=True) + "\n")
   os.replace(tmp, path)

@@ -286,6 +286,26 @@ def test_interrupted_write_leaves_no_finished_looking_wav(tmp_path, monkeypatch)
   assert rec["duration"] == pytest.approx(sf.info(rec["audio"]).frames / 16000, abs=1e-4) and rec["duration"] > 1.0
 
 
+def test_two_runs_rewriting_one_manifest_both_succeed(tmp_path, monkeypatch):
+  """Runs sharing a corpus folder each rewrite manifest.jsonl. Interleave two writers: the second writes and
+  replaces the file between the first one's write and its replace; both must finish, leaving no temp file."""
+  path = str(tmp_path / "manifest.jsonl")
+  real_replace = os.replace
+  calls = []
+
+  def replace(src, dst):
+    calls.append(src)
+    if len(calls) == 1:   # the first writer's replace: let a second writer run to completion first
+      corpus._write_jsonl(path, [{"id": "b"}])
+    real_replace(src, dst)
+
+  monkeypatch.setattr(corpus.os, "replace", replace)
+  corpus._write_jsonl(path, [{"id": "a"}])
+  assert len(calls) == 2 and calls[0] != calls[1]
+  assert [json.loads(line) for line in open(path)] == [{"id": "a"}]   # the last replace wins, whole
+  assert os.listdir(tmp_path) == ["manifest.jsonl"]
+
+
 def test_read_manifest_rejects_bad_lines(tmp_path):
   path = tmp_path / "m.jsonl"
   path.write_text('{"id": "x"}\n')
