@@ -150,9 +150,10 @@ def last_layer_attention(intermediates: dict) -> Array:
 def alignment_loss(probs: Array, text_len: Array, speech_len: Array, sigma: float) -> Array:
   """Guided attention (DC-TTS, Tachibana et al. 2018) on the packed sequence [sos, text, task, speech].
 
-  On a small corpus a decoder-only TTS model is slow to find which text piece each speech token says (held-out
-  next-token loss barely moves from what the speech alone predicts). This cost gives the constrained heads that
-  alignment as a prior: each speech position should attend to text, near the diagonal.
+  A decoder-only TTS model has to find which text piece each speech token says; on little data it barely does
+  (the held-out text gain, objectives.loss_fn). This cost gives the constrained heads that alignment as a prior:
+  each speech position should attend to text, near the diagonal. (On this project's corpora it aligns the head
+  but does not raise the text gain: docs/diagnosis.md.)
   probs [B, H, T, T] (T = Tt + Ts + 2, the LLM's packed length) weights of the heads to constrain; text_len [B],
   speech_len [B] int. Queries: the positions that predict speech token j = 0..m (m = speech_len; j = m is eos),
   i.e. task, speech_1..speech_m. A key on text piece i (of n) costs
