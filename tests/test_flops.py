@@ -10,3 +10,17 @@ def test_depthwise_conv_adds_a_multiply_add_per_tap_and_channel():
   net.conv_kernel = 7
   conv = flops.transformer_flops(net, batch=2, length=10)
   assert conv - plain == 2 * 7 * 64 * 3 * 2 * 10   # 2 FLOPs x taps x channels x layers x batch x length
+
+
+def test_a_stage_whose_only_llm_term_is_alignment_still_runs_the_llm():
+  """llm_align alone makes loss_fn run (and train) the LLM, so the step's FLOPs count its forward and backward."""
+  from e2etts_jax import config_lib
+  from e2etts_jax.system import DataInfo
+  c = config_lib.get_config("tiny")
+  c.train.stage2.trainable = "llm"
+  c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS})
+  info = DataInfo.for_config(c)
+  fwd = flops.network_forward_flops(c, info, 4, 100)
+  tokenizer_only = flops.step_flops(c, info, 4, 100, "stage2")
+  c.train.stage2.weights.llm_align = 1.0
+  assert flops.step_flops(c, info, 4, 100, "stage2") - tokenizer_only == 3 * fwd["llm"]
