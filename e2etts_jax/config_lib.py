@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 
 import ml_collections
 
+from e2etts_jax import text as text_lib
 from e2etts_jax.models import flow_matching
 
 NETWORKS = ("tokenizer", "llm", "fm", "rm")
@@ -66,8 +67,9 @@ def base_config() -> ml_collections.ConfigDict:
       "griffin_lim_iters": 32,
   })
 
-  # Text: sentencepiece for the LLM; CTC units for the RM's ASR head.
+  # Text: sentencepiece for the LLM (over the normalised text or its phones); CTC units for the RM's ASR head.
   c.text = ml_collections.ConfigDict({
+      "frontend": "text",         # 'text' (normalised text) or 'phones' (flite's t2p phones, with model_type 'word')
       "vocab_size": 512,
       "model_type": "unigram",
       "ctc_units": "char",        # 'char' (a-z, apostrophe, space) or 'sentencepiece'
@@ -352,6 +354,16 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"fm.t_schedule={c.fm.t_schedule!r}: choose one of {flow_matching.T_SCHEDULES}")
   if c.fm.decoder not in FM_DECODERS:
     raise ConfigError(f"fm.decoder={c.fm.decoder!r}: choose one of {FM_DECODERS}")
+  if c.text.frontend not in text_lib.FRONTENDS:
+    raise ConfigError(f"text.frontend={c.text.frontend!r}: choose one of {text_lib.FRONTENDS}")
+  if c.text.frontend == "phones" and c.text.model_type != "word":
+    # Other sentencepiece models split a stressed vowel ('aa1') into pieces; a word model keeps one per phone.
+    raise ConfigError(f"text.frontend='phones' needs text.model_type='word' (one piece per phone), got "
+                      f"{c.text.model_type!r}")
+  if c.text.frontend == "phones" and c.text.ctc_units == "sentencepiece":
+    # The RM's CTC labels are the normalised text; a sentencepiece model of phones cannot spell it.
+    raise ConfigError("text.frontend='phones' needs text.ctc_units='char' (the sentencepiece model then holds "
+                      "phones, not the text the RM's ASR head spells)")
   if c.text.ctc_units not in ("char", "sentencepiece"):
     raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
   d = c.data

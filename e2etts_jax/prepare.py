@@ -36,6 +36,7 @@ A re-run whose hash matches DONE.json does nothing.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -69,6 +70,8 @@ REJECT_REASONS = (
     "silent_audio",            # peak below SILENCE_PEAK_DBFS
     "too_short",               # < data.min_seconds
     "too_long",                # > data.max_seconds or > data.max_frames frames
+    "frontend_failed",         # text.frontend could not turn the transcript into the LLM's text (t2p failed)
+    "frontend_empty",          # text.frontend gave nothing for it
     "too_many_text_tokens",    # > text.max_text_tokens sentencepiece ids
     "ctc_too_long",            # > text.max_ctc_len CTC labels
     "ctc_infeasible",          # more CTC labels (+ repeats) than CTC frames: transcript too long for the audio
@@ -447,6 +450,34 @@ def _ctc_frames_needed(labels: list[int]) -> int:
   return len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
 
 
+def _front_end(survivors: list, frontend: str, num_workers: int, reject, progress: bool) -> tuple[list, list[str]]:
+  """The LLM's text of each (item, norm, ...) row (`text.llm_text`); rows it fails on are rejected, not fatal."""
+  if frontend == "text":
+    return survivors, [norm for _, norm, *_ in survivors]
+  text_lib.llm_text("a", "a", frontend)  # a missing program is the config's problem: say so once, up front
+  from tqdm import tqdm
+
+  def one(row):
+    try:
+      return text_lib.llm_text(row[0].text, row[1], frontend), ""
+    except text_lib.FrontendError as e:
+      return None, str(e)
+
+  kept, texts = [], []
+  # Threads suffice: each call waits on a t2p process.
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_workers)) as pool:
+    for row, (t, err) in zip(survivors, tqdm(pool.map(one, survivors), total=len(survivors),
+                                              desc=f"front end ({frontend})", disable=not progress)):
+      if t is None:
+        reject(row[0], "frontend_failed", err)
+      elif not t:
+        reject(row[0], "frontend_empty", f"text.frontend={frontend!r} gives nothing for {row[0].text[:200]!r}")
+      else:
+        kept.append(row)
+        texts.append(t)
+  return kept, texts
+
+
 def _load_or_train_spm(out_dir: str, spm_model: str | None, texts: list[str], config, log) -> Any:
   dest = os.path.join(out_dir, "spm.model")
   want = {"vocab_size": config.text.vocab_size, "model_type": config.text.model_type}
@@ -611,13 +642,14 @@ def prepare(config, manifest: str, out_dir: str, *, num_workers: int | None = No
     converted.update(meta["converted"])
     survivors.append((it, norm, meta, os.path.relpath(t[3], cache_dir)))
 
-  # ---- text: sentencepiece on the train transcripts, then the token limits ----
-  train_texts = [norm for it, norm, _, _ in survivors if it.split == "train"]
+  # ---- text: the LLM's front end, sentencepiece on the train transcripts, then the token limits ----
+  survivors, llm_texts = _front_end(survivors, config.text.frontend, num_workers, reject, progress)
+  train_texts = [t for (it, *_), t in zip(survivors, llm_texts) if it.split == "train"]
   sp = _load_or_train_spm(out_dir, spm_model, train_texts, config, log)
   downsample, ctc_up = config.tokenizer.downsample, config.rm.ctc_upsample
   accepted = []
-  for it, norm, meta, cache_rel in survivors:
-    ids = text_lib.encode_text(norm, sp)
+  for (it, norm, meta, cache_rel), llm_text in zip(survivors, llm_texts):
+    ids = text_lib.encode_text(llm_text, sp)
     ctc = text_lib.text_to_ctc(norm, config, sp)
     if len(ids) > config.text.max_text_tokens:
       reject(it, "too_many_text_tokens", f"{len(ids)} > text.max_text_tokens={config.text.max_text_tokens}")

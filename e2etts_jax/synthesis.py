@@ -5,7 +5,7 @@
   result.save("out.wav")              # also writes out.png, a picture of the generated mel
 
 The chain (one `synthesize` call):
-  1. text: `text.normalize_text` (the rules used at data preparation), sentencepiece ids of the workdir's model.
+  1. text: `text.normalize_text` and `text.llm_text` (as at data preparation), sentencepiece ids of the workdir's model.
   2. prompt (optional, zero-shot): the wav is loaded with `audio.load_audio` (any rate, any channel count),
      analysed with THE `audio.log_mel`, trimmed to whole tokens and tokenized; its transcript is normalised and
      encoded like the target text. Prompts are cached by (path, size, mtime, transcript).
@@ -285,13 +285,20 @@ class Synthesizer:
   # -------------------------------------------------------------------------------------------------- pieces
 
   def encode_text(self, text: str, what: str = "text") -> list[int]:
-    """Normalised sentencepiece ids of `text`; raises SynthesisError when empty or longer than the LLM takes."""
+    """Sentencepiece ids of `text` through the trained front end (`text.llm_text`); raises SynthesisError when
+    empty or longer than the LLM takes."""
     if text is None or not str(text).strip():
       raise SynthesisError(f"{what} is empty: give a sentence to speak")
     norm = text_lib.normalize_text(str(text))
     if not norm:
       raise SynthesisError(f"{what} {str(text)[:80]!r} has nothing speakable after normalisation")
-    ids = text_lib.encode_text(norm, self.sp)
+    try:
+      llm_text = text_lib.llm_text(str(text), norm, self.config.text.frontend)
+    except text_lib.FrontendError as e:
+      raise SynthesisError(f"{what}: {e}") from e
+    if not llm_text:
+      raise SynthesisError(f"{what} {str(text)[:80]!r}: text.frontend={self.config.text.frontend!r} gives nothing")
+    ids = text_lib.encode_text(llm_text, self.sp)
     if len(ids) > self.max_text:
       raise SynthesisError(f"{what} is too long: {len(ids)} text tokens, the model takes at most "
                            f"text.max_text_tokens={self.max_text}; split it into sentences")

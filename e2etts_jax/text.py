@@ -1,9 +1,14 @@
-"""English text normalisation, the sentencepiece model for the LLM, and CTC label units for the RM's ASR head.
+"""English text normalisation, the LLM's text front end and sentencepiece model, and CTC units for the RM's ASR head.
 
 Normalised text contains only the 28 CTC characters " 'abcdefghijklmnopqrstuvwxyz": lowercase letters, the
 apostrophe inside words ("don't") and single spaces. Numbers, currency, percentages, ordinals and common
 abbreviations are spelt out; accents are stripped; other punctuation becomes a word break. The same function
 runs at data preparation and at synthesis, so training and inference see identical text.
+
+The LLM reads sentencepiece pieces of one of two front ends (`text.frontend`): 'text', the normalised text
+itself, or 'phones', the CMU phone sequence that flite's letter-to-sound rules give the raw sentence (stress marked
+on vowels, 'pau' at phrase breaks; `to_phones`). Phones spell each sound the same way every time, so a small corpus
+teaches the LLM their acoustics from many more examples per unit than of its word pieces.
 
 Sentencepiece ids: 0 = padding (never produced by `encode`), 1 = unknown; no bos/eos (the LLM adds its own
 special tokens beyond the text vocabulary). CTC ids: 0 = blank; 'char' units are the 28 characters as 1..28;
@@ -11,8 +16,11 @@ special tokens beyond the text vocabulary). CTC ids: 0 = blank; 'char' units are
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
+import shutil
+import subprocess
 import tempfile
 import unicodedata
 from typing import Iterable, Sequence
@@ -144,6 +152,54 @@ def normalize_text(text: str) -> str:
   # Apostrophes only survive between letters ("don't", "o'clock"); quote marks and "dogs'" lose them.
   text = re.sub(r"(?<![a-z])'+|'+(?![a-z])", " ", text)
   return re.sub(r"\s+", " ", text).strip()
+
+
+# ---------------------------------------------------------------------------------------------- front end
+
+FRONTENDS = ("text", "phones")
+
+
+class FrontendError(RuntimeError):
+  """The text front end cannot turn a sentence into the LLM's text (a missing program, a failed run)."""
+
+
+@functools.lru_cache(maxsize=1)
+def _t2p() -> str:
+  exe = shutil.which("t2p")
+  if exe is None:
+    raise FrontendError("text.frontend='phones' needs flite's letter-to-sound program 't2p', which is not on PATH "
+                        "(Debian/Ubuntu: apt-get install flite)")
+  return exe
+
+
+def to_phones(raw: str) -> str:
+  """CMU phones of an English sentence, space-separated, by flite's `t2p` (its own text normalisation and lexicon).
+
+  'Dr. Smith, 2 apples' -> 'd aa1 k t er s m ih1 th pau t uw1 ae1 p ax l z': vowels carry their stress digit,
+  reduced vowels none; 'pau' marks a phrase break (punctuation), and the breaks flite puts at both ends are
+  dropped since every sentence has them. Raises FrontendError when t2p is missing or fails.
+  """
+  try:
+    # A leading space keeps a sentence that starts with '-' from being read as an option.
+    out = subprocess.run([_t2p(), " " + raw], capture_output=True, text=True, timeout=60, check=True).stdout
+  except (subprocess.SubprocessError, OSError) as e:
+    raise FrontendError(f"t2p failed on {raw[:80]!r}: {type(e).__name__}: {e}") from e
+  phones = out.split()
+  while phones and phones[0] == "pau":
+    phones.pop(0)
+  while phones and phones[-1] == "pau":
+    phones.pop()
+  return " ".join(phones)
+
+
+def llm_text(raw: str, norm: str, frontend: str) -> str:
+  """What the LLM's sentencepiece model reads for one sentence: `norm` (its `normalize_text`) for 'text', the
+  phones of `raw` for 'phones'. The same call runs at data preparation and at synthesis."""
+  if frontend == "text":
+    return norm
+  if frontend == "phones":
+    return to_phones(raw)
+  raise ValueError(f"text.frontend={frontend!r}: choose one of {FRONTENDS}")
 
 
 # ------------------------------------------------------------------------------------------- sentencepiece

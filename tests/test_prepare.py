@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -198,6 +199,40 @@ def test_changed_config_reprepares(prepared, tmp_path):
   s = prepare.prepare(cfg, str(prepared["manifest"]), str(copy), num_workers=1, progress=False)
   assert s["status"] == "done" and s["computed"] == len(GOOD) + len(CONVERTED) + 6  # all audio-checked items
   assert _records(copy, "test")["good5"]["mel"].shape[1] == 16
+
+
+def test_phones_frontend(prepared, tmp_path, monkeypatch):
+  """The LLM's text ids are one piece per phone of each raw transcript; the RM's CTC labels stay the normalised text;
+  synthesis encodes a sentence to the same ids; a transcript the front end fails on is rejected, the rest kept."""
+  from e2etts_jax import synthesis
+  cfg = _config()
+  cfg.text.update(frontend="phones", model_type="word")
+  config_lib.validate(cfg, num_devices=1)
+  real = text.to_phones
+
+  def to_phones(raw):
+    if raw == "Thank you.":
+      raise text.FrontendError("t2p failed on 'Thank you.'")
+    return real(raw)
+
+  monkeypatch.setattr(text, "to_phones", to_phones)
+  out = tmp_path / "shards"
+  s = prepare.prepare(cfg, str(prepared["manifest"]), str(out), num_workers=2, progress=False)
+  assert s["rejected"] == {**prepared["summary"]["rejected"], "frontend_failed": 1}
+  assert _rejects(out)["good6"]["detail"] == "t2p failed on 'Thank you.'"
+  assert _ids(out) == _ids(prepared["out"]) - {"good6"}
+  sp = text.load_sentencepiece(str(out / "spm.model"))
+  raw = {rid: GOOD[rid][1] for rid in GOOD}
+  raw.update({rid: "Short words." for rid in CONVERTED})
+  encoder = types.SimpleNamespace(config=cfg, sp=sp, max_text=cfg.text.max_text_tokens)
+  before = {**_records(prepared["out"], "train"), **_records(prepared["out"], "test")}
+  for split in ("train", "test"):
+    for rid, r in _records(out, split).items():
+      assert sp.decode(r["text_ids"].tolist()) == real(raw[rid])
+      assert len(r["text_ids"]) == len(real(raw[rid]).split())
+      assert r["text_ids"].tolist() == synthesis.Synthesizer.encode_text(encoder, raw[rid])
+      assert r["ctc_ids"].tolist() == before[rid]["ctc_ids"].tolist()
+  assert _records(out, "train")["good0"]["text_ids"].tolist() == text.encode_text("hh ax l ow1 dh eh1 r", sp)
 
 
 # ------------------------------------------------------------------------------------------------ layouts

@@ -82,3 +82,56 @@ def test_sentencepiece_train_load_round_trip(tmp_path, tiny_config, model_type):
 def test_load_missing_model(tmp_path):
   with pytest.raises(FileNotFoundError):
     text.load_sentencepiece(str(tmp_path / "none.model"))
+
+
+# CMU phones (ARPAbet without the stress digit) and flite's phrase break: what the 'phones' front end may produce.
+CMU_PHONES = set("aa ae ah ao aw ax ay b ch d dh eh er ey f g hh ih iy jh k l m n ng ow oy p r s sh t th uh uw v w y "
+                 "z zh pau".split())
+
+
+@pytest.mark.parametrize("raw, expected", [
+    # Reference pronunciations (CMUdict, as flite's lexicon gives them); the comma is a phrase break, the
+    # breaks at both ends are dropped.
+    ("Hello, world.", "hh ax l ow1 pau w er1 l d"),
+    ("Thank you.", "th ae1 ng k y uw1"),
+    # flite normalises numbers and abbreviations itself; a leading '-' is text, not an option.
+    ("Dr. Smith paid $3.50", "d aa1 k t er s m ih1 th p ey1 d th r iy1 d aa1 l er z f ih1 f t iy s eh1 n t s"),
+    ("-yes", "y eh1 s"),
+    ("?!...", ""),
+])
+def test_to_phones(raw, expected):
+  assert text.to_phones(raw) == expected
+  assert text.llm_text(raw, text.normalize_text(raw), "phones") == expected
+
+
+def test_phones_are_cmu_phones():
+  phones = text.to_phones(" ".join(SENTENCES)).split()
+  assert len(phones) > 100
+  assert {p.rstrip("012") for p in phones} <= CMU_PHONES
+
+
+def test_llm_text_frontends():
+  raw = "Dr. Smith, 2 apples!"
+  norm = text.normalize_text(raw)
+  assert text.llm_text(raw, norm, "text") == norm == "doctor smith two apples"
+  with pytest.raises(ValueError, match="text.frontend='ipa'"):
+    text.llm_text(raw, norm, "ipa")
+
+
+def test_phones_without_t2p_names_the_package(monkeypatch):
+  text._t2p.cache_clear()   # (a failed lookup raises and is not cached: nothing to clear afterwards)
+  monkeypatch.setattr(text.shutil, "which", lambda name: None)
+  with pytest.raises(text.FrontendError, match="apt-get install flite"):
+    text.to_phones("hello")
+  monkeypatch.undo()
+  assert text.to_phones("hello") == "hh ax l ow1"
+
+
+def test_sentencepiece_word_model_keeps_one_piece_per_phone(tmp_path):
+  phones = [text.to_phones(s) for s in SENTENCES]
+  sp = text.train_sentencepiece(phones, str(tmp_path / "spm"), vocab_size=512, model_type="word")
+  assert sp.vocab_size() == 2 + len({p for s in phones for p in s.split()})
+  for s in phones:
+    ids = text.encode_text(s, sp)
+    assert len(ids) == len(s.split()) and text.UNK_ID not in ids
+    assert sp.decode(ids) == s
