@@ -114,7 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
       "d_model": 192, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2, "mlp_dim": 512,
       "dropout": 0.0,             # residual dropout while the network trains (CosyVoice LLM: 0.1); all four have one
       "max_len": 512,             # text + speech positions the KV cache holds
-      "min_ratio": 2.0,           # speech tokens >= min_ratio * text tokens (eos masked before)
+      "min_ratio": 2.0,           # speech tokens >= min_ratio * text tokens (eos masked before); the embedded corpus
+                                  # has 2.3-9 tokens per word piece, 1.1-2.6 per phone: 1.0 for text.frontend='phones'
       "max_ratio": 20.0,
       "temperature": 1.0,
       "top_k": 25,

@@ -106,8 +106,8 @@ RECIPE_KEYS = ("fm.encoder_layers", "fm.t_schedule", "fm.prior_start", "fm.prior
 
 # Keys named where they differ from the defaults of the config's own size (`c.name`): the LLM's shape, its text
 # units and an LLM-only stage 2 (the LLM studies vary these).
-SIZE_RECIPE_KEYS = ("llm.d_model", "llm.num_layers", "llm.mlp_dim", "text.model_type", "text.vocab_size",
-                    "train.stage2.trainable", "train.stage2.learning_rate",
+SIZE_RECIPE_KEYS = ("llm.d_model", "llm.num_layers", "llm.mlp_dim", "text.frontend", "text.model_type",
+                    "text.vocab_size", "train.stage2.trainable", "train.stage2.learning_rate",
                     *(f"{n}.dropout" for n in config_lib.NETWORKS))
 
 

@@ -90,8 +90,9 @@ def test_recipe_names_size_and_non_default_training(tiny_config):
   c.llm.d_model = 48
   c.train.stage2.trainable = "llm"
   c.llm.dropout = 0.1
-  assert diagnosis.recipe(c).endswith("train.stage1.learning_rate=0.002, llm.d_model=48, "
-                                      "train.stage2.trainable=llm, llm.dropout=0.1")
+  c.text.update(frontend="phones", model_type="word")
+  assert diagnosis.recipe(c).endswith("train.stage1.learning_rate=0.002, llm.d_model=48, text.frontend=phones, "
+                                      "text.model_type=word, train.stage2.trainable=llm, llm.dropout=0.1")
 
 
 def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None, tts=None):
