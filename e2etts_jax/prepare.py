@@ -454,7 +454,7 @@ def _front_end(survivors: list, frontend: str, num_workers: int, reject, progres
   """The LLM's text of each (item, norm, ...) row (`text.llm_text`); rows it fails on are rejected, not fatal."""
   if frontend == "text":
     return survivors, [norm for _, norm, *_ in survivors]
-  text_lib.llm_text("a", "a", frontend)  # a missing program is the config's problem: say so once, up front
+  text_lib.check_frontend(frontend)  # a missing program is the machine's problem: say so once, up front
   from tqdm import tqdm
 
   def one(row):

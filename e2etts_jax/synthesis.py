@@ -151,7 +151,7 @@ def mel_range(audio_cfg) -> tuple[float, float]:
 class _Prompt:
   mel: np.ndarray          # [Tp * ds, n_mels] real log-mel, trimmed to whole tokens
   indices: np.ndarray      # [Tp] int32 speech tokens
-  text_ids: tuple          # sentencepiece ids of the normalised transcript (empty: no transcript)
+  text_ids: tuple          # sentencepiece ids of the transcript (`encode_text`; empty: no transcript)
   spk: np.ndarray          # [E] RM speaker embedding of the prompt tokens
 
 

@@ -192,6 +192,15 @@ def to_phones(raw: str) -> str:
   return " ".join(phones)
 
 
+def check_frontend(frontend: str) -> None:
+  """Raises ValueError for an unknown front end and FrontendError when the program it runs is missing: a check to
+  make once, before a run turns many sentences."""
+  if frontend not in FRONTENDS:
+    raise ValueError(f"text.frontend={frontend!r}: choose one of {FRONTENDS}")
+  if frontend == "phones":
+    _t2p()
+
+
 def llm_text(raw: str, norm: str, frontend: str) -> str:
   """What the LLM's sentencepiece model reads for one sentence: `norm` (its `normalize_text`) for 'text', the
   phones of `raw` for 'phones'. The same call runs at data preparation and at synthesis."""

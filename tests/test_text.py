@@ -123,6 +123,11 @@ def test_phones_without_t2p_names_the_package(monkeypatch):
   monkeypatch.setattr(text.shutil, "which", lambda name: None)
   with pytest.raises(text.FrontendError, match="apt-get install flite"):
     text.to_phones("hello")
+  with pytest.raises(text.FrontendError, match="apt-get install flite"):
+    text.check_frontend("phones")
+  text.check_frontend("text")   # needs no program
+  with pytest.raises(ValueError, match="text.frontend='ipa'"):
+    text.check_frontend("ipa")
   monkeypatch.undo()
   assert text.to_phones("hello") == "hh ax l ow1"
 

@@ -153,7 +153,7 @@ def alignment_loss(probs: Array, text_len: Array, speech_len: Array, sigma: floa
   A decoder-only TTS model has to find which text piece each speech token says; on little data it barely does
   (the held-out text gain, objectives.loss_fn). This cost gives the constrained heads that alignment as a prior:
   each speech position should attend to text, near the diagonal. (On this project's corpora it aligns the head
-  but does not raise the text gain: docs/diagnosis.md.)
+  always, and raises the text gain only with thousands of training utterances: docs/diagnosis.md.)
   probs [B, H, T, T] (T = Tt + Ts + 2, the LLM's packed length) weights of the heads to constrain; text_len [B],
   speech_len [B] int. Queries: the positions that predict speech token j = 0..m (m = speech_len; j = m is eos),
   i.e. task, speech_1..speech_m. A key on text piece i (of n) costs
