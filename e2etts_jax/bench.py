@@ -380,6 +380,12 @@ def bench_step(config: ml_collections.ConfigDict, info: DataInfo, stage: str, ba
   return out
 
 
+def step_line(rec: dict) -> str:
+  """One program's figures for the progress log, so a run stopped by a time limit still shows what it measured."""
+  return (f"{rec['step_s'] * 1e3:.3f} ms/step, {_si(rec['flops_per_s'], 'FLOP/s')}, MFU {100 * rec['mfu']:.1f}%, "
+          f"compile {rec['compile_s']:.1f} s ({rec['cache']})")
+
+
 def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Options, peak_flops: float,
                    log: Callable[[str], None]) -> dict:
   """Joint steps of `opts.stages` and, for `opts.parts_configs`, the single-network parts of their trainable
@@ -394,6 +400,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
   for stage in opts.stages:
     log(f"{config.name}: {stage} joint step")
     stages[stage] = bench_step(config, info, stage, batch, **kw)
+    log(f"{config.name}: {stage} joint step: {step_line(stages[stage])}")
     gc.collect()   # the previous program's state and executable, before the next one allocates
   nets = []
   for stage in opts.stages if config.name in opts.parts_configs else ():
@@ -403,6 +410,7 @@ def bench_training(config: ml_collections.ConfigDict, info: DataInfo, opts: Opti
     log(f"{config.name}: {net} alone")
     c, part_stage = part_program(config, net)
     parts[net] = {"stage": part_stage, **bench_step(c, info, part_stage, batch, **kw)}
+    log(f"{config.name}: {net} alone: {step_line(parts[net])}")
     gc.collect()
   for stage, rec in stages.items() if parts else ():
     mine = config_lib.parse_list(config.train[stage].trainable)
@@ -627,6 +635,7 @@ def run_benchmark(opts: Options, log: Callable[[str], None] = print, timer: Time
   }
   log("matmul peak ...")
   results["peak"] = measure_peaks(opts.peak_size, opts.peak_repeats)
+  log("matmul peak: " + ", ".join(f"{k} {_si(v['flops_per_s'], 'FLOP/s')}" for k, v in results["peak"].items()))
   configs = {}
   for name in opts.configs:
     config = config_lib.get_config(name)

@@ -48,6 +48,12 @@ def test_quick_json_schema_and_figures(quick):
 
   stages = tiny["stages"]
   assert list(stages) == list(bench.Options.quick().stages)
+  # The progress log carries each program's figures as it is measured (what a run cut short still shows).
+  stdout = quick[1]
+  for stage, rec in stages.items():
+    assert f"tiny: {stage} joint step: {bench.step_line(rec)}" in stdout, stage
+  for net, rec in tiny["networks"].items():
+    assert f"tiny: {net} alone: {bench.step_line(rec)}" in stdout, net
   for stage, rec in stages.items():
     for field in bench.STEP_FIELDS + bench.STAGE_FIELDS:
       assert _finite(rec[field]), (stage, field, rec.get(field))
