@@ -17,6 +17,7 @@ class MetricWriter:
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._tb = None
+    self.closed = False
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
@@ -41,9 +42,11 @@ class MetricWriter:
       self._tb.add_audio(tag, np.asarray(wav, np.float32)[None], step, sample_rate=sample_rate)
 
   def close(self) -> None:
-    if self.enabled:
+    """Flushes and closes the files; a second call does nothing."""
+    if self.enabled and not self.closed:
       self._tb.close()
       self._jsonl.close()
+    self.closed = True
 
 
 def read_metrics(workdir: str, split: str = "train") -> list[dict]:

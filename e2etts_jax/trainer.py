@@ -210,69 +210,73 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   rng = jax.random.key(config.seed)
   train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
   writer = metric_writer.MetricWriter(workdir)
+  # Closed on every way out: a run that raises (a refused warm start, too many bad steps) would otherwise leave
+  # its TensorBoard writer to an atexit hook, which Python 3.12 can no longer run (no new threads at shutdown).
+  try:
 
-  # Resume: the latest checkpoint says which stage and step we are in.
-  state, start_global, shard_tree = None, 0, None
-  if meta is not None:
-    stage = meta["stage"]
-    abstract, shard_tree = train_step.state_shardings(system, optim.make_optimizer(config, stage), mesh)
-    state, _ = ckpt.restore(latest, abstract, train_iter)
-    start_global = latest
-    log.info("resumed from %s step %d (stage %s)", ckpt.directory, latest, stage)
+    # Resume: the latest checkpoint says which stage and step we are in.
+    state, start_global, shard_tree = None, 0, None
+    if meta is not None:
+      stage = meta["stage"]
+      abstract, shard_tree = train_step.state_shardings(system, optim.make_optimizer(config, stage), mesh)
+      state, _ = ckpt.restore(latest, abstract, train_iter)
+      start_global = latest
+      log.info("resumed from %s step %d (stage %s)", ckpt.directory, latest, stage)
 
-  peak = perf.matmul_peak_flops()
-  history: list[dict] = []
-  held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng)
-  bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
-             desc="train", unit="step", dynamic_ncols=True)
-  global_step, stage = start_global, plan[0][0]
-  with _Preemption() as preemption:
-    for stage, first, steps in plan:
-      if global_step >= first + steps:
-        continue   # finished before the restart
-      tx = optim.make_optimizer(config, stage)
-      if state is None:
-        state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
-        if config.train.init_from:
-          params = warm_start(state.params, shard_tree.params, config.train.init_from,
-                              config_lib.parse_list(config.train.init_networks), mesh)
-          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=params)
-      elif global_step == first:   # entering a new stage: keep params, fresh optimizer for its networks
-        state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
-      step_fns: dict = {}
-      logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
-      if global_step == first:
-        held_out(stage, global_step, state.params, shard_tree.params)
-      for _ in range(global_step - first, steps):
-        batch = next(train_iter)
-        frames = batch["mel"].shape[1]
-        if frames not in step_fns:   # one compile per bucket length
-          step_fns[frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
-        state, metrics = step_fns[frames](state, batch, rng)
-        global_step += 1
-        bar.update(1)
-        # Metrics are read one step late, so the host never waits on the step it just dispatched.
-        logger.push((global_step, metrics, batch["mel"].shape[0], frames))
-        meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
-        stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
-        if global_step == first + steps or (config.train.eval_every and
-                                            (global_step - first) % config.train.eval_every == 0):
+    peak = perf.matmul_peak_flops()
+    history: list[dict] = []
+    held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng)
+    bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
+               desc="train", unit="step", dynamic_ncols=True)
+    global_step, stage = start_global, plan[0][0]
+    with _Preemption() as preemption:
+      for stage, first, steps in plan:
+        if global_step >= first + steps:
+          continue   # finished before the restart
+        tx = optim.make_optimizer(config, stage)
+        if state is None:
+          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
+          if config.train.init_from:
+            params = warm_start(state.params, shard_tree.params, config.train.init_from,
+                                config_lib.parse_list(config.train.init_networks), mesh)
+            state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=params)
+        elif global_step == first:   # entering a new stage: keep params, fresh optimizer for its networks
+          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
+        step_fns: dict = {}
+        logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
+        if global_step == first:
           held_out(stage, global_step, state.params, shard_tree.params)
-        ckpt.save(global_step, state, train_iter, meta, force=global_step == first + steps or stopping)
-        if stopping:
+        for _ in range(global_step - first, steps):
+          batch = next(train_iter)
+          frames = batch["mel"].shape[1]
+          if frames not in step_fns:   # one compile per bucket length
+            step_fns[frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
+          state, metrics = step_fns[frames](state, batch, rng)
+          global_step += 1
+          bar.update(1)
+          # Metrics are read one step late, so the host never waits on the step it just dispatched.
+          logger.push((global_step, metrics, batch["mel"].shape[0], frames))
+          meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
+          stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
+          if global_step == first + steps or (config.train.eval_every and
+                                              (global_step - first) % config.train.eval_every == 0):
+            held_out(stage, global_step, state.params, shard_tree.params)
+          ckpt.save(global_step, state, train_iter, meta, force=global_step == first + steps or stopping)
+          if stopping:
+            break
+        logger.flush()
+        # Asked again, not `stopping`: a SIGTERM that came during the stage's last held-out eval or save stops the
+        # run here rather than one step into the next stage (with its new optimizer and compile).
+        if preemption.requested or (stop_after is not None and global_step >= stop_after):
           break
-      logger.flush()
-      # Asked again, not `stopping`: a SIGTERM that came during the stage's last held-out eval or save stops the
-      # run here rather than one step into the next stage (with its new optimizer and compile).
-      if preemption.requested or (stop_after is not None and global_step >= stop_after):
-        break
-  bar.close()
-  ckpt.close()
-  if writer.enabled and history:
-    metric_writer.plot_loss_curves(workdir)
-  writer.close()
-  return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
-                     preempted=preemption.requested, evals=held_out.rows)
+    bar.close()
+    ckpt.close()
+    if writer.enabled and history:
+      metric_writer.plot_loss_curves(workdir)
+    return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
+                       preempted=preemption.requested, evals=held_out.rows)
+  finally:
+    writer.close()
 
 
 def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from e2etts_jax import checkpoint, config_lib, optim, sharding, train_step, trainer
+from e2etts_jax import checkpoint, config_lib, metric_writer, optim, sharding, train_step, trainer
 from tests.conftest import tiny_train_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,8 +125,17 @@ def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, t
   assert trainer.train(c, str(tmp_path / "warm"), progress=False, mesh=_mesh((1, 1, 1))).global_step == 2
 
 
-def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, trained_source, tmp_path):
+def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, trained_source, tmp_path,
+                                                                          monkeypatch):
   source = trained_source
+  made = []   # the metric writers of these runs, which raise after opening theirs
+
+  class Recording(metric_writer.MetricWriter):
+    def __init__(self, *args, **kwargs):
+      super().__init__(*args, **kwargs)
+      made.append(self)
+
+  monkeypatch.setattr(metric_writer, "MetricWriter", Recording)
   c = tiny_train_config(tiny_shards, steps=(1, 0, 0))
   c.llm.d_model = 48
   c.train.update(init_from=source, init_networks="tokenizer,llm")
@@ -135,6 +144,8 @@ def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_
   c.train.init_from = str(tmp_path / "nowhere")
   with pytest.raises(checkpoint.CheckpointError, match="nowhere"):
     trainer.train(c, str(tmp_path / "missing"), progress=False, mesh=_mesh((1, 1, 1)))
+  # Each failed run closed its writer on the way out (left to an atexit hook, Python 3.12 cannot close it).
+  assert len(made) == 2 and all(w.closed for w in made)
 
 
 def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, trained_source):
