@@ -213,7 +213,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   # Closed on every way out: a run that raises (a refused warm start, too many bad steps) would otherwise leave
   # its TensorBoard writer to an atexit hook, which Python 3.12 can no longer run (no new threads at shutdown).
   try:
-
     # Resume: the latest checkpoint says which stage and step we are in.
     state, start_global, shard_tree = None, 0, None
     if meta is not None:
