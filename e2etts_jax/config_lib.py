@@ -44,6 +44,10 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       # others train their network on detached codes. 'rm' keeps every network's training of the joint stage 1
       # but shapes the token space by recognition alone (the ablation of what FM and LLM gradients do to it).
       "token_grads": "llm,rm,fm",
+      # Multiplier of rm.spk_weight in this stage's RM loss. Above 1 in stage 2 sharpens the speaker embedding (the
+      # FM's condition and the evaluation's speaker space) once the tokens are frozen, so it cannot pull the token
+      # space away from what the FM and LLM need, as a higher rm.spk_weight does in stage 1.
+      "rm_spk_scale": 1.0,
   })
 
 
@@ -398,6 +402,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                         f"{', '.join(TOKEN_GRAD_TERMS)}")
     if s.steps < 0:
       raise ConfigError(f"train.{stage}.steps={s.steps} must be >= 0")
+    if s.rm_spk_scale < 0:
+      raise ConfigError(f"train.{stage}.rm_spk_scale={s.rm_spk_scale} must be >= 0")
     if s.steps and s.warmup_steps > s.steps:
       raise ConfigError(f"train.{stage}.warmup_steps={s.warmup_steps} exceeds train.{stage}.steps={s.steps}")
     if s.steps and not any(s.weights[k] for k in LOSS_TERMS):

@@ -90,7 +90,7 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   if w["rm"] or w["fm"] or w["e2e_fm"]:
     rm_out = rm_apply(codes_for["rm"], tmask)
   if w["rm"]:
-    rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm)
+    rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm, config.train[stage].rm_spk_scale)
     total += w["rm"] * rm_total
     metrics["loss/rm"] = rm_total
     metrics.update({f"rm/{k}": v for k, v in rm_metrics.items()})

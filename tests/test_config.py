@@ -112,6 +112,7 @@ RULES = [
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
     ("usage frozen", lambda c: setattr(c.train.stage2.weights, "usage", 0.5), "weights.usage=0.5"),
     ("token grads", lambda c: setattr(c.train.stage1, "token_grads", "rm,asr"), "token_grads names 'asr'"),
+    ("speaker scale", lambda c: setattr(c.train.stage2, "rm_spk_scale", -1.0), "train.stage2.rm_spk_scale=-1.0"),
 ]
 
 

@@ -165,6 +165,29 @@ def test_held_out_text_gain_compares_own_and_next_rows_text(system):
   assert float(fn(same, False)["llm/text_gain"]) == 0.0
 
 
+def test_stage_rm_spk_scale_weights_only_the_speaker_term(system):
+  """train.<stage>.rm_spk_scale multiplies rm.spk_weight in that stage's RM loss and nothing else."""
+  c = system.config
+  params = _trained_like_params(system, jax.random.key(0))
+  batch = system.random_batch(4, 100, seed=1)
+
+  def metrics(scale):
+    c.train.stage2.rm_spk_scale = scale
+    return jax.device_get(jax.jit(lambda p: objectives.loss_fn(p, batch, jax.random.key(2), system=system,
+                                                               stage="stage2")[1])(params))
+
+  base, scaled = metrics(1.0), metrics(4.0)
+  for k in ("rm/rm_asr", "rm/rm_spk", "rm/rm_aux", "loss/fm", "loss/llm"):
+    assert scaled[k] == base[k], k
+  rm = c.rm
+  expect = (rm.asr_weight * base["rm/rm_asr"] + 4.0 * rm.spk_weight * base["rm/rm_spk"]
+            + rm.aux_weight * base["rm/rm_aux"])
+  assert float(scaled["loss/rm"]) == pytest.approx(float(expect), rel=1e-6)
+  extra = 3.0 * rm.spk_weight * base["rm/rm_spk"] * c.train.stage2.weights.rm
+  assert float(scaled["loss/total"] - base["loss/total"]) == pytest.approx(float(extra), rel=1e-5)
+  assert extra > 0
+
+
 @pytest.mark.parametrize("token_grads", ["llm,rm,fm", "rm"])
 def test_stage1_token_grads_name_the_terms_that_shape_the_tokenizer(system, token_grads):
   """Every stage-1 term trains its own network either way; only the named ones also reach the tokenizer."""

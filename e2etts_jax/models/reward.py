@@ -114,10 +114,12 @@ def rm_loss_terms(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Arra
 
 
 def rm_loss(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Array, speaker: Array, aux: Array,
-            rm_cfg: ml_collections.ConfigDict) -> tuple[Array, dict[str, Array]]:
-  """asr_weight * asr + spk_weight * spk + aux_weight * aux (weights from config.rm); metrics add `rm_loss`."""
+            rm_cfg: ml_collections.ConfigDict, spk_scale: float = 1.0) -> tuple[Array, dict[str, Array]]:
+  """asr_weight * asr + spk_scale * spk_weight * spk + aux_weight * aux (weights from config.rm; spk_scale from
+  the stage, train.<stage>.rm_spk_scale); metrics add `rm_loss`."""
   terms = rm_loss_terms(out, ctc_labels, ctc_label_mask, speaker, aux)
-  loss = rm_cfg.asr_weight * terms["asr"] + rm_cfg.spk_weight * terms["spk"] + rm_cfg.aux_weight * terms["aux"]
+  loss = (rm_cfg.asr_weight * terms["asr"] + spk_scale * rm_cfg.spk_weight * terms["spk"]
+          + rm_cfg.aux_weight * terms["aux"])
   return loss, {"rm_loss": loss, **{f"rm_{k}": v for k, v in terms.items()}}
 
 
