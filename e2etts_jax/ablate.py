@@ -19,7 +19,7 @@ Variants (same config, data and eval items; the same total step budget unless na
   recognition_tokenizer  stage 1 trains only tokenizer + RM, on recognition; then stages 2 -> 3 exactly as e2e:
                          isolates what the joint stage-1 objective does to the token space
   detached_tokens        stage 1 trains all four networks exactly as e2e, but only the RM's loss reaches the
-                         tokenizer (train.stage1.token_grads='rm'): the token-space question with every network
+                         tokenizer (train.stage1.token_grads='rm,rm_spk'): the token-space question with every network
                          trained for the same steps (recognition_tokenizer's FM and LLM miss stage 1)
   recognition_tokenizer_equal_flops
                          recognition_tokenizer with stage 2 lengthened to e2e's analytic training FLOPs: the
@@ -73,7 +73,7 @@ VARIANTS: dict[str, Callable[[ml_collections.ConfigDict], None]] = {
     "cascaded_equal_flops": _equal_flops(config_lib.make_cascaded),
     "recognition_tokenizer": _recognition_tokenizer,
     "recognition_tokenizer_equal_flops": _equal_flops(_recognition_tokenizer),
-    "detached_tokens": lambda c: setattr(c.train.stage1, "token_grads", "rm"),
+    "detached_tokens": lambda c: setattr(c.train.stage1, "token_grads", "rm,rm_spk"),
     "no_usage": lambda c: setattr(c.train.stage1.weights, "usage", 0.0),
     "no_prior": lambda c: c.fm.update(encoder_layers=0, prior_weight=0.0),
 }

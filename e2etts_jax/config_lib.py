@@ -18,8 +18,9 @@ from e2etts_jax.models import flow_matching
 NETWORKS = ("tokenizer", "llm", "fm", "rm")
 STAGES = ("stage1", "stage2", "stage3")
 LOSS_TERMS = ("llm", "llm_align", "rm", "fm", "usage", "e2e_fm", "e2e_asr", "e2e_spk")
-# The stage-1 terms that can shape the token space (train.<stage>.token_grads).
-TOKEN_GRAD_TERMS = ("llm", "rm", "fm")
+# The stage-1 terms that can shape the token space (train.<stage>.token_grads): 'rm' is the RM's recognition of
+# text and auxiliary labels, 'rm_spk' its speaker term.
+TOKEN_GRAD_TERMS = ("llm", "rm", "rm_spk", "fm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODES = ("e2e", "cascaded")
@@ -40,10 +41,11 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       "learning_rate": lr,
       "warmup_steps": max(1, steps // 10),
       "weights": w,
-      # Loss terms (of llm, rm, fm) whose gradient reaches the tokenizer through its codes while it trains; the
-      # others train their network on detached codes. 'rm' keeps every network's training of the joint stage 1
-      # but shapes the token space by recognition alone (the ablation of what FM and LLM gradients do to it).
-      "token_grads": "llm,rm,fm",
+      # Loss terms (of TOKEN_GRAD_TERMS) whose gradient reaches the tokenizer through its codes while it trains;
+      # the others train their network on detached codes. 'rm,rm_spk' keeps every network's training of the joint
+      # stage 1 but shapes the token space by recognition alone (the ablation of what FM and LLM gradients do to
+      # it); 'llm,rm,fm' lets the RM learn speakers without pulling the codes toward them (a second RM pass).
+      "token_grads": "llm,rm,rm_spk,fm",
       # Multiplier of rm.spk_weight in this stage's RM loss. Above 1 in stage 2 sharpens the speaker embedding (the
       # FM's condition and the evaluation's speaker space) once the tokens are frozen, so it cannot pull the token
       # space away from what the FM and LLM need, as a higher rm.spk_weight does in stage 1.

@@ -2,7 +2,8 @@
 
 Stage 1 (joint): the tokenizer's straight-through codes feed the LLM (next-token), RM (multi-recognition) and FM
   (reconstruction): L = w_llm * L_LLM + w_rm * L_RM + w_fm * L_FM, each sending gradient into the tokenizer
-  (those named by train.<stage>.token_grads; the others train their network on detached codes).
+  (those named by train.<stage>.token_grads, where the RM's speaker term is 'rm_spk'; the others train their
+  network on detached codes).
 Stage 2 (refine): same terms over frozen tokens; networks are disjoint, so the sum trains each on its own loss.
 Stage 3 (E2E): the LLM's teacher-forced speech logits -> Gumbel-softmax (straight-through) -> token one-hots ->
   code vectors that feed the frozen FM (reconstruct the target mel) and the frozen RM (CTC on the input text,
@@ -90,7 +91,11 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   if w["rm"] or w["fm"] or w["e2e_fm"]:
     rm_out = rm_apply(codes_for["rm"], tmask)
   if w["rm"]:
-    rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm, config.train[stage].rm_spk_scale)
+    # A second pass only when the speaker term must see codes with other gradients than recognition does.
+    spk_out = None
+    if "tokenizer" in trainable and ("rm" in shaping) != ("rm_spk" in shaping):
+      spk_out = rm_apply(codes_for["rm_spk"], tmask)
+    rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm, config.train[stage].rm_spk_scale, spk_out)
     total += w["rm"] * rm_total
     metrics["loss/rm"] = rm_total
     metrics.update({f"rm/{k}": v for k, v in rm_metrics.items()})

@@ -28,7 +28,7 @@ def test_variant_configs_change_only_what_they_name():
   assert cas.train.mode == "cascaded" and cas.train.stage3.steps == 0
   assert ablate.variant_config(base, "no_usage", 0).train.stage1.weights.usage == 0.0
   detached = ablate.variant_config(base, "detached_tokens", 0)
-  assert detached.train.stage1.token_grads == "rm" and base.train.stage1.token_grads == "llm,rm,fm"
+  assert detached.train.stage1.token_grads == "rm,rm_spk" and base.train.stage1.token_grads == "llm,rm,rm_spk,fm"
   detached.train.stage1.token_grads = base.train.stage1.token_grads
   assert detached.to_dict() == base.to_dict()
   no_prior = ablate.variant_config(base, "no_prior", 0)

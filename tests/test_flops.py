@@ -24,3 +24,17 @@ def test_a_stage_whose_only_llm_term_is_alignment_still_runs_the_llm():
   tokenizer_only = flops.step_flops(c, info, 4, 100, "stage2")
   c.train.stage2.weights.llm_align = 1.0
   assert flops.step_flops(c, info, 4, 100, "stage2") - tokenizer_only == 3 * fwd["llm"]
+
+
+def test_a_speaker_term_detached_from_the_codes_costs_a_second_rm_encoder_pass():
+  """token_grads without 'rm_spk' (but with 'rm') makes loss_fn run the RM again on detached codes."""
+  from e2etts_jax import config_lib
+  from e2etts_jax.system import DataInfo
+  c = config_lib.get_config("tiny")
+  info = DataInfo.for_config(c)
+  joint = flops.step_flops(c, info, 4, 100, "stage1")
+  c.train.stage1.token_grads = "llm,rm,fm"
+  encoder = flops.transformer_flops(c.rm, 4, 100 // c.tokenizer.downsample)
+  assert flops.step_flops(c, info, 4, 100, "stage1") - joint == 3 * encoder
+  c.train.stage1.token_grads = "llm,fm"          # neither RM term shapes the codes: one pass, as before
+  assert flops.step_flops(c, info, 4, 100, "stage1") == joint

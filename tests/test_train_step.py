@@ -118,11 +118,11 @@ def _trained_like_params(system, rng):
 
 
 def _jacobian_norms(system, stage, terms, params, batch):
-  """{term: {network: sum |d loss_term / d params[network]|}}: one jitted Jacobian, a row per term (one compile,
-  no op-by-op dispatch)."""
+  """{term: {network: sum |d term / d params[network]|}}, a term being a metric name (X alone for 'loss/X'): one
+  jitted Jacobian, a row per term (one compile, no op-by-op dispatch)."""
   def losses(p):
     metrics = objectives.loss_fn(p, batch, jax.random.key(2), system=system, stage=stage)[1]
-    return jnp.stack([metrics[f"loss/{k}"] for k in terms])
+    return jnp.stack([metrics[k if "/" in k else f"loss/{k}"] for k in terms])
   jac = jax.device_get(jax.jit(jax.jacrev(losses))(params))
   return {t: {n: float(sum(np.sum(np.abs(x[i])) for x in jax.tree.leaves(jac[n]))) for n in jac}
           for i, t in enumerate(terms)}
@@ -188,15 +188,27 @@ def test_stage_rm_spk_scale_weights_only_the_speaker_term(system):
   assert extra > 0
 
 
-@pytest.mark.parametrize("token_grads", ["llm,rm,fm", "rm"])
+# Each stage-1 term that can shape the codes, the metric that is that term alone, and the network it trains.
+SHAPING_TERMS = {"llm": ("loss/llm", "llm"), "rm": ("rm/rm_asr", "rm"), "rm_spk": ("rm/rm_spk", "rm"),
+                 "fm": ("loss/fm", "fm")}
+
+
+@pytest.mark.parametrize("token_grads", ["llm,rm,rm_spk,fm", "rm,rm_spk", "llm,rm,fm"])
 def test_stage1_token_grads_name_the_terms_that_shape_the_tokenizer(system, token_grads):
-  """Every stage-1 term trains its own network either way; only the named ones also reach the tokenizer."""
-  system.config.train.stage1.token_grads = token_grads
+  """Every stage-1 term trains its own network either way; only the named ones also reach the tokenizer, and
+  detaching some changes no loss value."""
+  c = system.config
   params = _trained_like_params(system, jax.random.key(0))
   batch = system.random_batch(4, 100, seed=1)
-  norms = _jacobian_norms(system, "stage1", ("llm", "rm", "fm"), params, batch)
-  for term, g in norms.items():
-    assert g[term] > 0, term
+  forward = lambda: jax.device_get(jax.jit(lambda p: objectives.loss_fn(p, batch, jax.random.key(2), system=system,
+                                                                          stage="stage1")[1])(params))
+  joint = forward()
+  c.train.stage1.token_grads = token_grads
+  np.testing.assert_allclose(forward()["loss/total"], joint["loss/total"], rtol=1e-6)
+  norms = _jacobian_norms(system, "stage1", tuple(m for m, _ in SHAPING_TERMS.values()), params, batch)
+  for term, (metric, network) in SHAPING_TERMS.items():
+    g = norms[metric]
+    assert g[network] > 0, term
     assert (g["tokenizer"] > 0) == (term in token_grads.split(",")), (term, g["tokenizer"])
 
 

@@ -114,10 +114,18 @@ def rm_loss_terms(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Arra
 
 
 def rm_loss(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Array, speaker: Array, aux: Array,
-            rm_cfg: ml_collections.ConfigDict, spk_scale: float = 1.0) -> tuple[Array, dict[str, Array]]:
+            rm_cfg: ml_collections.ConfigDict, spk_scale: float = 1.0,
+            spk_out: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
   """asr_weight * asr + spk_scale * spk_weight * spk + aux_weight * aux (weights from config.rm; spk_scale from
-  the stage, train.<stage>.rm_spk_scale); metrics add `rm_loss`."""
+  the stage, train.<stage>.rm_spk_scale); metrics add `rm_loss`.
+
+  spk_out: outputs of another pass of the RM whose speaker logits give the speaker term (default `out`), e.g. over
+  detached codes, so that the speaker term trains the RM without reaching what made the codes.
+  """
   terms = rm_loss_terms(out, ctc_labels, ctc_label_mask, speaker, aux)
+  if spk_out is not None:
+    spk_terms = rm_loss_terms(spk_out, ctc_labels, ctc_label_mask, speaker, aux)
+    terms.update(spk=spk_terms["spk"], spk_acc=spk_terms["spk_acc"])
   loss = (rm_cfg.asr_weight * terms["asr"] + spk_scale * rm_cfg.spk_weight * terms["spk"]
           + rm_cfg.aux_weight * terms["aux"])
   return loss, {"rm_loss": loss, **{f"rm_{k}": v for k, v in terms.items()}}
