@@ -46,9 +46,9 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       # stage 1 but shapes the token space by recognition alone (the ablation of what FM and LLM gradients do to
       # it); 'llm,rm,fm' lets the RM learn speakers without pulling the codes toward them (a second RM pass).
       "token_grads": "llm,rm,rm_spk,fm",
-      # Multiplier of rm.spk_weight in this stage's RM loss. Above 1 in stage 2 sharpens the speaker embedding (the
-      # FM's condition and the evaluation's speaker space) once the tokens are frozen, so it cannot pull the token
-      # space away from what the FM and LLM need, as a higher rm.spk_weight does in stage 1.
+      # Multiplier of rm.spk_weight in this stage's RM loss, e.g. a higher speaker weight in stage 2 alone, where
+      # it cannot move the frozen codes (measured on the main job: that lifts no held-out speaker ranking, since the
+      # speaker reaches the codes only through stage 1's speaker gradient; docs/diagnosis.md).
       "rm_spk_scale": 1.0,
   })
 
