@@ -51,11 +51,10 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
   total = fwd["tokenizer"] * (3.0 if tok_through else 1.0)
   if w["rm"] or w["fm"] or w["e2e_fm"]:
     total += fwd["rm"] * mult("rm", tok_through and w["rm"] > 0)
-  shaping = config_lib.parse_list(config.train[stage].token_grads)
-  if w["rm"] and tok_through and ("rm" in shaping) != ("rm_spk" in shaping):
+  if objectives.speaker_pass(config, stage):
     # The speaker term's own pass: the encoder and the pooled heads (the unused CTC head is dead code to XLA).
     encoder = transformer_flops(config.rm, batch, frames // config.tokenizer.downsample)
-    total += encoder * mult("rm", "rm_spk" in shaping)
+    total += encoder * mult("rm", "rm_spk" in config_lib.parse_list(config.train[stage].token_grads))
   if w["fm"]:
     total += fwd["fm"] * mult("fm", tok_through)
   if w["llm"] or w["llm_align"] or e2e:

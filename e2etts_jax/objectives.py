@@ -39,6 +39,14 @@ def stage_spec(config: ml_collections.ConfigDict, stage: str) -> tuple[frozenset
   return frozenset(config_lib.parse_list(s.trainable)), {k: float(s.weights[k]) for k in config_lib.LOSS_TERMS}
 
 
+def speaker_pass(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether `stage` runs the RM a second time for its speaker term: the tokenizer trains and exactly one of the
+  RM's recognition ('rm') and speaker ('rm_spk') terms may shape its codes (train.<stage>.token_grads)."""
+  trainable, w = stage_spec(config, stage)
+  shaping = config_lib.parse_list(config.train[stage].token_grads)
+  return bool(w["rm"]) and "tokenizer" in trainable and ("rm" in shaping) != ("rm_spk" in shaping)
+
+
 def dropout_rngs(rng: jax.Array, trainable: frozenset) -> dict[str, dict]:
   """Per-network `rngs` for apply: a 'dropout' key for each trainable network, none for the others.
 
@@ -92,9 +100,7 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
     rm_out = rm_apply(codes_for["rm"], tmask)
   if w["rm"]:
     # A second pass only when the speaker term must see codes with other gradients than recognition does.
-    spk_out = None
-    if "tokenizer" in trainable and ("rm" in shaping) != ("rm_spk" in shaping):
-      spk_out = rm_apply(codes_for["rm_spk"], tmask)
+    spk_out = rm_apply(codes_for["rm_spk"], tmask) if speaker_pass(config, stage) else None
     rm_total, rm_metrics = reward.rm_loss(rm_out, *labels, config.rm, config.train[stage].rm_spk_scale, spk_out)
     total += w["rm"] * rm_total
     metrics["loss/rm"] = rm_total

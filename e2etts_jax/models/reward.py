@@ -101,9 +101,7 @@ def rm_loss_terms(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Arra
   nll = optax.ctc_loss(logits, logit_pad, ctc_labels.astype(jnp.int32), label_pad, blank_id=0)
   asr = jnp.sum(nll) / jnp.maximum(jnp.sum(ctc_label_mask.astype(jnp.float32)), 1.0)
 
-  spk_logits = out["spk_logits"].astype(jnp.float32)
-  spk = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(spk_logits, speaker))
-  spk_acc = jnp.mean((jnp.argmax(spk_logits, -1) == speaker).astype(jnp.float32))
+  spk, spk_acc = speaker_terms(out["spk_logits"], speaker)
 
   aux_logits = out["aux_logits"].astype(jnp.float32)
   known = aux >= 0
@@ -111,6 +109,13 @@ def rm_loss_terms(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Arra
   aux_loss = layers.masked_mean(aux_ce, known)
   aux_acc = layers.masked_mean((jnp.argmax(aux_logits, -1) == aux).astype(jnp.float32), known)
   return {"asr": asr, "spk": spk, "aux": aux_loss, "spk_acc": spk_acc, "aux_acc": aux_acc}
+
+
+def speaker_terms(spk_logits: Array, speaker: Array) -> tuple[Array, Array]:
+  """Mean softmax cross-entropy and top-1 accuracy of spk_logits [B, num_speakers] against speaker ids [B]."""
+  spk_logits = spk_logits.astype(jnp.float32)
+  spk = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(spk_logits, speaker))
+  return spk, jnp.mean((jnp.argmax(spk_logits, -1) == speaker).astype(jnp.float32))
 
 
 def rm_loss(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Array, speaker: Array, aux: Array,
@@ -124,8 +129,7 @@ def rm_loss(out: dict[str, Array], ctc_labels: Array, ctc_label_mask: Array, spe
   """
   terms = rm_loss_terms(out, ctc_labels, ctc_label_mask, speaker, aux)
   if spk_out is not None:
-    spk_terms = rm_loss_terms(spk_out, ctc_labels, ctc_label_mask, speaker, aux)
-    terms.update(spk=spk_terms["spk"], spk_acc=spk_terms["spk_acc"])
+    terms["spk"], terms["spk_acc"] = speaker_terms(spk_out["spk_logits"], speaker)
   loss = (rm_cfg.asr_weight * terms["asr"] + spk_scale * rm_cfg.spk_weight * terms["spk"]
           + rm_cfg.aux_weight * terms["aux"])
   return loss, {"rm_loss": loss, **{f"rm_{k}": v for k, v in terms.items()}}
