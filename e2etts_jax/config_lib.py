@@ -111,7 +111,8 @@ def base_config() -> ml_collections.ConfigDict:
       "dropout": 0.0,
       "downsample": 2,            # mel frames per token (50 Hz -> 25 Hz)
       "token_rate": 25.0,
-      "fsq_levels": (8, 5, 5, 5),  # 1000 codes: the small corpus cannot fill 3^8
+      # 1000 codes: the small corpus cannot fill 3^8 (in the main job 3^8 collapses onto 19-84 codes; docs/diagnosis.md)
+      "fsq_levels": (8, 5, 5, 5),
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
