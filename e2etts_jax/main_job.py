@@ -43,9 +43,9 @@ from e2etts_jax import config_lib
 #   reads far better than mini's, and 1500 -> 3000 stage-1 steps keep paying), while on this corpus the other three
 #   networks gain little from small's width (a 5x larger LLM: -0.07 nats). So the budget keeps small's FM, with a
 #   4-layer token encoder and stage-1 LR 2e-3 (the two changes that moved resynthesis most), and gives the
-#   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores (AMD EPYC) a stage-1 step then takes
-#   0.84 s (stages 2 and 3 ~0.8-0.9 s) instead of small's 1.36 s, and 800/150/150 steps took 18 min with the
-#   compiles, 22 min in all with the corpus and the scoring.
+#   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores of one AMD EPYC VM a stage-1 step then
+#   took 0.84 s (stages 2 and 3 ~0.8-0.9 s) instead of small's 1.36 s, and 800/150/150 steps took 18 min with the
+#   compiles, 22 min in all with the corpus and the scoring; on another, 0.35 s and 9 min in all.
 _MINI = config_lib.get_config("mini")
 _NET_SHAPE = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
@@ -54,10 +54,10 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "data.max_frames": 250,
     "data.bucket_boundaries": (250,),
     **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
-    # small's FSQ 8·5·5·5 (1000 codes) beside the mini-shaped tokenizer read 7.0 WER points worse in resynthesis than
-    # 8·8·8·5 (2560) over 3 seeds (p = 0.017) and ranked the prompt's speaker first less often (80.5% vs 87.4% on
-    # 77 sentences); 8·8·8·8 (4096) read no better than 2560 (2 seeds), and the paper's 3^8 (6561) collapsed to a
-    # code perplexity of 19-84 (docs/diagnosis.md).
+    # Against small's FSQ 8·5·5·5 (1000 codes), 8·8·8·5 (2560) beside the mini-shaped tokenizer ranks the prompt's
+    # speaker first more often (84.7% vs 76.9% of 77 sentences over 5 paired runs, p = 0.039) and likely reads better
+    # in resynthesis (-3.9 WER points, p = 0.15); 8·8·8·8 (4096) read no better than 2560 (2 seeds), and the paper's
+    # 3^8 (6561) collapsed to a code perplexity of 19-84 (docs/diagnosis.md).
     "tokenizer.fsq_levels": (8, 8, 8, 5),
     "fm.encoder_layers": 4,
     "train.stage1.learning_rate": 2e-3,
