@@ -114,6 +114,8 @@ def base_config() -> ml_collections.ConfigDict:
       # 1000 codes: the small corpus cannot fill 3^8 (in the main job 3^8 collapses onto 19-84 codes; docs/diagnosis.md)
       "fsq_levels": (8, 5, 5, 5),
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
+      "usage_dependence": 0.0,    # weight, inside the code-usage term, of the channels' mutual information
+                                  # (fsq.FSQ.dependence): what keeps 3^8's channels from copying each other
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
 
@@ -339,6 +341,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   levels = tuple(c.tokenizer.fsq_levels)
   if not levels or any(int(l) < 2 for l in levels):
     raise ConfigError(f"tokenizer.fsq_levels={levels}: need at least one dimension, each with >= 2 levels")
+  if c.tokenizer.usage_dependence < 0:
+    raise ConfigError(f"tokenizer.usage_dependence={c.tokenizer.usage_dependence} must be >= 0 (a weight)")
   for net in NETWORKS:
     n = c[net]
     if n.d_model % n.num_heads:

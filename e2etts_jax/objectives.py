@@ -87,7 +87,8 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
   metrics["codes/gradient_gain"] = layers.masked_mean(
       jnp.mean(system.fsq.gradient_gain(system.fsq.bound(tok["latent"])), -1), tmask)
   if w["usage"] and "tokenizer" in trainable:
-    usage_total, usage_metrics = system.fsq.usage_loss(tok["latent"], tmask, config.tokenizer.usage_temperature)
+    usage_total, usage_metrics = system.fsq.usage_loss(tok["latent"], tmask, config.tokenizer.usage_temperature,
+                                                       dependence_weight=config.tokenizer.usage_dependence)
     total += w["usage"] * usage_total
     metrics["loss/usage"] = usage_total
     metrics.update({f"codes/{k}": v for k, v in usage_metrics.items()})

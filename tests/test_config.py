@@ -110,6 +110,7 @@ RULES = [
     ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
+    ("dependence", lambda c: setattr(c.tokenizer, "usage_dependence", -1.0), "tokenizer.usage_dependence=-1.0"),
     ("usage frozen", lambda c: setattr(c.train.stage2.weights, "usage", 0.5), "weights.usage=0.5"),
     ("token grads", lambda c: setattr(c.train.stage1, "token_grads", "rm,asr"), "token_grads names 'asr'"),
     ("speaker scale", lambda c: setattr(c.train.stage2, "rm_spk_scale", -1.0), "train.stage2.rm_spk_scale=-1.0"),

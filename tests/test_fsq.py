@@ -117,12 +117,66 @@ def test_usage_loss_spread_vs_collapsed():
   spread, m = fsq.usage_loss(z, mask, temperature=1e-3, linear_range=10.0)
   np.testing.assert_allclose(float(spread), -1.0, atol=1e-5)
   np.testing.assert_allclose(float(m["batch_entropy"]), 1.0, atol=1e-5)
+  # The two channels copy each other: the entropy part cannot see it, the dependence (1 here) can.
+  np.testing.assert_allclose(float(m["dependence"]), 1.0, atol=1e-5)
+  copied, _ = fsq.usage_loss(z, mask, temperature=1e-3, linear_range=10.0, dependence_weight=0.5)
+  np.testing.assert_allclose(float(copied), -0.5, atol=1e-5)
   collapsed, m = fsq.usage_loss(jnp.zeros((300, 2)), mask, temperature=1e-3, linear_range=10.0)
   np.testing.assert_allclose(float(collapsed), 0.0, atol=1e-5)
   assert float(m["batch_entropy"]) < 1e-5 and float(m["range"]) == 0.0
   # Masked tokens do not count: 200 of the spread tokens masked out leaves one level per channel.
   part, _ = fsq.usage_loss(z, jnp.arange(300) < 100, temperature=1e-3, linear_range=10.0)
   np.testing.assert_allclose(float(part), 0.0, atol=1e-5)
+
+
+def _grid_latents(fsq, digits):
+  """Latents whose hard codes have the given level digits [N, dim] (soft assignment one-hot at temperature 1e-3)."""
+  hw = np.asarray([l // 2 for l in fsq.levels], np.float32)
+  return jnp.arctanh(jnp.asarray((digits - hw) / hw * 0.99, jnp.float32))
+
+
+def test_dependence_of_independent_copied_and_mirrored_channels():
+  """Normalised pairwise mutual information: 0 when every level combination is equally common, 1 for a pair of
+  uniform channels where one copies or mirrors the other, the mean over pairs with more channels."""
+  fsq = FSQ((3, 3, 3))
+  grid = np.stack(np.meshgrid(*[np.arange(3)] * 3, indexing="ij"), -1).reshape(-1, 3)   # all 27 combinations
+  dep = lambda digits, mask=None: float(fsq.dependence(
+      fsq.level_probs(fsq.bound(_grid_latents(fsq, digits)), 1e-3),
+      jnp.ones(len(digits), bool) if mask is None else mask))
+  np.testing.assert_allclose(dep(grid), 0.0, atol=1e-6)
+  copied = grid.copy()
+  copied[:, 2] = copied[:, 0]             # channel 2 copies channel 0: one pair of three at 1
+  np.testing.assert_allclose(dep(copied), 1 / 3, atol=1e-5)
+  copied[:, 1] = 2 - copied[:, 0]         # and channel 1 mirrors it: every pair at 1
+  np.testing.assert_allclose(dep(copied), 1.0, atol=1e-5)
+  # Masked tokens do not count: the copies plus junk rows that break the copy, masked out.
+  junk = np.concatenate([copied, grid])
+  np.testing.assert_allclose(dep(junk, jnp.arange(len(junk)) < len(copied)), 1.0, atol=1e-5)
+  assert dep(junk) < 0.5
+  assert float(FSQ((5,)).dependence(jnp.full((4, 1, 5), 0.2), jnp.ones(4, bool))) == 0.0   # no pairs
+
+
+def test_dependence_gradient_separates_copied_channels():
+  """Descending the usage term with the dependence turned on unties two channels that start as near copies: their
+  hard codes decorrelate and use more level combinations. Without it the copies stay."""
+  fsq = FSQ((3, 3))
+  base = jax.random.normal(jax.random.key(0), (512, 1))
+  z0 = jnp.concatenate([base, base + 0.05 * jax.random.normal(jax.random.key(1), (512, 1))], -1)
+  mask = jnp.ones(512, bool)
+
+  def train(weight):
+    grad = jax.jit(jax.grad(lambda z: fsq.usage_loss(z, mask, dependence_weight=weight)[0]))
+    z = z0
+    for _ in range(200):
+      z = z - 50.0 * grad(z)   # per-token gradients are O(1 / tokens)
+    codes, indices = fsq.quantize(z)
+    corr = abs(float(np.corrcoef(np.asarray(codes).T)[0, 1]))
+    return corr, float(code_usage(indices, mask, 9)["perplexity"])
+
+  corr, perplexity = train(0.0)
+  assert corr > 0.9 and perplexity < 2.5    # ~2 codes: two corners of the 3 x 3 grid's diagonal
+  corr, perplexity = train(1.0)
+  assert corr < 0.5 and perplexity > 3.5    # ~4 codes: all four corners
 
 
 def test_usage_range_term_pulls_saturated_latents_back():

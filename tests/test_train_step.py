@@ -188,6 +188,25 @@ def test_stage_rm_spk_scale_weights_only_the_speaker_term(system):
   assert extra > 0
 
 
+def test_usage_dependence_adds_the_channels_mutual_information_to_the_usage_term(system):
+  """tokenizer.usage_dependence weights fsq.FSQ.dependence inside stage 1's code-usage term, and nothing else."""
+  c = system.config
+  params = _trained_like_params(system, jax.random.key(0))
+  batch = system.random_batch(4, 100, seed=1)
+
+  def metrics(weight):
+    c.tokenizer.usage_dependence = weight
+    return jax.device_get(jax.jit(lambda p: objectives.loss_fn(p, batch, jax.random.key(2), system=system,
+                                                               stage="stage1")[1])(params))
+
+  base, weighted = metrics(0.0), metrics(2.5)
+  dep = float(base["codes/dependence"])
+  assert 0.0 < dep < 1.0 and float(weighted["codes/dependence"]) == dep
+  assert float(weighted["loss/usage"] - base["loss/usage"]) == pytest.approx(2.5 * dep, rel=1e-5)
+  extra = 2.5 * dep * c.train.stage1.weights.usage
+  assert float(weighted["loss/total"] - base["loss/total"]) == pytest.approx(extra, rel=1e-4)
+
+
 # Each stage-1 term that can shape the codes, the metric that is that term alone, and the network it trains.
 SHAPING_TERMS = {"llm": ("loss/llm", "llm"), "rm": ("rm/rm_asr", "rm"), "rm_spk": ("rm/rm_spk", "rm"),
                  "fm": ("loss/fm", "fm")}

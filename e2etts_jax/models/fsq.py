@@ -26,6 +26,11 @@ from e2etts_jax.models import layers
 Array = jax.Array
 
 
+def _plogp(p: Array) -> Array:
+  """p log p elementwise, 0 where p == 0 (and a finite gradient there)."""
+  return jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0)
+
+
 class FSQ:
   """An FSQ quantiser over `len(levels)` channels (plain object: it has no parameters)."""
 
@@ -96,8 +101,8 @@ class FSQ:
     logits = jnp.where(valid, -jnp.square(dist) / temperature, -jnp.inf)
     return jax.nn.softmax(logits, axis=-1)
 
-  def usage_loss(self, z: Array, mask: Array, temperature: float = 1.0,
-                 linear_range: float = 1.5) -> tuple[Array, dict[str, Array]]:
+  def usage_loss(self, z: Array, mask: Array, temperature: float = 1.0, linear_range: float = 1.5,
+                 dependence_weight: float = 0.0) -> tuple[Array, dict[str, Array]]:
     """The code-usage (anti-collapse) term of the tokenizer, from its pre-quantisation latents z [..., dim]:
 
       entropy:  mean per-token level entropy minus the entropy of the batch's mean level distribution, per
@@ -106,23 +111,53 @@ class FSQ:
                 entropy penalty of lookup-free quantisers, per FSQ channel: the joint codebook is too big to soften);
       range:    mean squared excess of |z| (centred as `bound` centres it) over `linear_range`: a tanh pushed
                 past ~2 passes almost no gradient (see `gradient_gain`), so a saturated channel can never be
-                moved again by any loss; this pull back needs no gradient through the tanh.
+                moved again by any loss; this pull back needs no gradient through the tanh;
+      dependence (times `dependence_weight`): see `dependence`. The entropy part sees each channel alone, so
+                channels that copy each other cost it nothing, and a codebook of many small channels (3^8) can
+                use every level of every channel yet only a few dozen joint codes.
 
-    mask [...] bool. Returns (entropy + range, {'sample_entropy', 'batch_entropy' in [0, 1], 'range'}).
+    mask [...] bool. Returns (entropy + range + dependence_weight * dependence,
+    {'sample_entropy', 'batch_entropy', 'dependence' in [0, 1], 'range'}).
     """
     z = z.astype(jnp.float32)
     mask = jnp.asarray(mask, bool)
     p = self.level_probs(self.bound(z), temperature)                                     # [..., dim, max_l]
-    plogp = lambda q: jnp.where(q > 0, q * jnp.log(jnp.where(q > 0, q, 1.0)), 0.0)
     norm = np.log(self._levels.astype(np.float32))
     tokens = tuple(range(z.ndim - 1))
-    sample_h = layers.masked_mean(-jnp.sum(plogp(p), -1), mask[..., None], axis=tokens) / norm    # [dim]
+    sample_h = layers.masked_mean(-jnp.sum(_plogp(p), -1), mask[..., None], axis=tokens) / norm    # [dim]
     mean_p = layers.masked_mean(p, mask[..., None, None], axis=tokens)                         # [dim, max_l]
-    batch_h = -jnp.sum(plogp(mean_p), axis=-1) / norm
+    batch_h = -jnp.sum(_plogp(mean_p), axis=-1) / norm
     excess = jnp.square(jax.nn.relu(jnp.abs(z + self._shift) - linear_range))
     range_loss = layers.masked_mean(jnp.mean(excess, -1), mask)
-    loss = jnp.mean(sample_h - batch_h) + range_loss
-    return loss, dict(sample_entropy=jnp.mean(sample_h), batch_entropy=jnp.mean(batch_h), range=range_loss)
+    dependence = self.dependence(p, mask)
+    loss = jnp.mean(sample_h - batch_h) + range_loss + dependence_weight * dependence
+    return loss, dict(sample_entropy=jnp.mean(sample_h), batch_entropy=jnp.mean(batch_h), dependence=dependence,
+                      range=range_loss)
+
+  def dependence(self, p: Array, mask: Array) -> Array:
+    """Mean normalised mutual information between the soft level choices of every pair of channels.
+
+    p [..., dim, max(levels)] (from `level_probs`), mask [...] bool -> scalar in [0, 1]: for channels i < j,
+    I(i; j) / min(log L_i, log L_j) of the batch's joint level distribution (each token's outer product
+    p_i p_j^T, averaged over valid tokens), averaged over pairs. 0 when the channels' choices are independent
+    over the batch; for a channel that copies another (or mirrors it: any one-to-one level map) the pair's
+    value is that channel's level entropy over log L, so 1 when it uses its levels evenly and confidently (soft
+    assignments lower it: at the usage temperature 1 a hard copy scores ~0.1-0.3). Pairwise,
+    because the joint over all channels has prod(levels) cells; pairs catch the redundancy seen in practice.
+    0 with one channel.
+    """
+    if self.dim < 2:
+      return jnp.zeros((), jnp.float32)
+    w = jnp.asarray(mask, jnp.float32)
+    w = (w / jnp.maximum(jnp.sum(w), 1.0)).reshape(-1)
+    p = p.astype(jnp.float32).reshape(-1, self.dim, p.shape[-1])                         # [N, dim, max_l]
+    joint = jnp.einsum("n,nil,njm->ijlm", w, p, p)                                       # [dim, dim, l, m]
+    marginal = jnp.einsum("n,nil->il", w, p)                                             # [dim, max_l]
+    h = -jnp.sum(_plogp(marginal), -1)                                                    # [dim]
+    mutual = h[:, None] + h[None, :] + jnp.sum(_plogp(joint), (-2, -1))                   # [dim, dim]
+    log_l = np.log(self._levels.astype(np.float32))
+    pairs = np.triu_indices(self.dim, k=1)
+    return jnp.mean(mutual[pairs] / np.minimum(log_l[:, None], log_l[None, :])[pairs])
 
 
 def code_usage(indices: Array, mask: Array, codebook_size: int) -> dict[str, Array]:
@@ -135,6 +170,6 @@ def code_usage(indices: Array, mask: Array, codebook_size: int) -> dict[str, Arr
   w = jnp.asarray(mask, jnp.float32).reshape(-1)
   counts = jnp.zeros((codebook_size,), jnp.float32).at[jnp.asarray(indices, jnp.int32).reshape(-1)].add(w)
   p = counts / jnp.maximum(jnp.sum(w), 1.0)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  entropy = -jnp.sum(_plogp(p))
   return dict(perplexity=jnp.exp(entropy), used_fraction=jnp.mean((counts > 0).astype(jnp.float32)),
               entropy_bits=entropy / jnp.log(2.0))
