@@ -111,11 +111,12 @@ def base_config() -> ml_collections.ConfigDict:
       "dropout": 0.0,
       "downsample": 2,            # mel frames per token (50 Hz -> 25 Hz)
       "token_rate": 25.0,
-      # 1000 codes: the small corpus cannot fill 3^8 (in the main job 3^8 collapses onto 19-84 codes; docs/diagnosis.md)
       "fsq_levels": (8, 5, 5, 5),
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
-      "usage_dependence": 0.0,    # weight, inside the code-usage term, of the channels' mutual information
-                                  # (fsq.FSQ.dependence): what keeps 3^8's channels from copying each other
+      # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence). Without it
+      # 3^8's channels copy each other and the main job's codes collapse onto 19-84 (perplexity); at 4 they stay
+      # spread (296-383) and resynthesis reads better than with 2560 codes (docs/diagnosis.md).
+      "usage_dependence": 4.0,
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
 

@@ -54,11 +54,11 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "data.max_frames": 250,
     "data.bucket_boundaries": (250,),
     **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
-    # Against small's FSQ 8·5·5·5 (1000 codes), 8·8·8·5 (2560) beside the mini-shaped tokenizer ranks the prompt's
-    # speaker first more often (84.7% vs 76.9% of 77 sentences over 5 paired runs, p = 0.039) and likely reads better
-    # in resynthesis (-3.9 WER points, p = 0.15); 8·8·8·8 (4096) read no better than 2560 (2 seeds), and the paper's
-    # 3^8 (6561) collapsed to a code perplexity of 19-84 (docs/diagnosis.md).
-    "tokenizer.fsq_levels": (8, 8, 8, 5),
+    # The paper's 3^8 (6561 codes), kept spread by the code-usage term's dependence part (tokenizer.usage_dependence):
+    # over 4 paired seeds it resynthesises 6.4 WER points better than 8·8·8·5 (2560 codes; p = 0.019) with a lower
+    # mel error in each. 2560 beat small's 8·5·5·5 (1000) on the speaker ranking (84.7% vs 76.9% of 77 sentences
+    # over 5 pairs, p = 0.039); without the dependence part 3^8 collapsed onto 19-84 codes (docs/diagnosis.md).
+    "tokenizer.fsq_levels": (3,) * 8,
     "fm.encoder_layers": 4,
     "train.stage1.learning_rate": 2e-3,
     "train.stage1.steps": 800,

@@ -17,10 +17,10 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   for stage in config_lib.STAGES:
     assert full.train[stage].warmup_steps <= full.train[stage].steps
   # The budget trains small's FM (with a 4-layer token encoder) beside mini-shaped tokenizer, LLM and RM, the
-  # tokenizer quantising to 2560 codes.
+  # tokenizer quantising to 3^8 codes.
   small, mini = config_lib.get_config("small"), config_lib.get_config("mini")
   for net in ("tokenizer", "llm", "rm"):
-    fsq = {"fsq_levels": (8, 8, 8, 5)} if net == "tokenizer" else {}
+    fsq = {"fsq_levels": (3,) * 8} if net == "tokenizer" else {}
     assert full[net].to_dict() == {**small[net].to_dict(), **{k: mini[net][k] for k in main_job._NET_SHAPE}, **fsq}
   assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
   assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate
