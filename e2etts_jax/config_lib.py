@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
       # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence). Without it
       # 3^8's channels copy each other and the main job's codes collapse onto 19-84 (perplexity); at 4 they stay
-      # spread (296-383) and resynthesis reads better than with 2560 codes (docs/diagnosis.md).
+      # spread (270-383) and resynthesis reads better than with 2560 codes (docs/diagnosis.md).
       "usage_dependence": 4.0,
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })

@@ -55,7 +55,7 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "data.bucket_boundaries": (250,),
     **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
     # The paper's 3^8 (6561 codes), kept spread by the code-usage term's dependence part (tokenizer.usage_dependence):
-    # over 4 paired seeds it resynthesises 6.4 WER points better than 8·8·8·5 (2560 codes; p = 0.019) with a lower
+    # over 5 paired runs it resynthesises 7.4 WER points better than 8·8·8·5 (2560 codes; p = 0.003) with a lower
     # mel error in each. 2560 beat small's 8·5·5·5 (1000) on the speaker ranking (84.7% vs 76.9% of 77 sentences
     # over 5 pairs, p = 0.039); without the dependence part 3^8 collapsed onto 19-84 codes (docs/diagnosis.md).
     "tokenizer.fsq_levels": (3,) * 8,
