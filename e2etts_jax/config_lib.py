@@ -115,8 +115,10 @@ def base_config() -> ml_collections.ConfigDict:
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
       # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence). Without it
       # 3^8's channels copy each other and the main job's codes collapse onto 19-84 (perplexity); at 4 they stay
-      # spread (270-383) and resynthesis reads better than with 2560 codes (docs/diagnosis.md).
-      "usage_dependence": 4.0,
+      # spread (270-383) and resynthesis reads better than with 2560 codes. The weight that helps depends on the
+      # channel count: on tiny's 3·3·3, 4 lowers the code perplexity and 1 raises it (docs/diagnosis.md). So 0
+      # here, 4 for `paper`'s 3^8 and the main job's.
+      "usage_dependence": 0.0,
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
 
@@ -235,7 +237,7 @@ _SIZES = {
         audio={"sample_rate": 24000, "n_fft": 1920, "win_length": 1920, "hop_length": 480},
         nets={"tokenizer": (1024, 24, 16, 16, 6784), "llm": (1024, 28, 16, 8, 5888),
               "fm": (1024, 22, 16, 16, 4096), "rm": (1024, 24, 16, 16, 6784)},
-        tokenizer={"fsq_levels": (3,) * 8},
+        tokenizer={"fsq_levels": (3,) * 8, "usage_dependence": 4.0},
         text={"vocab_size": 4096},
         llm={"max_len": 2048},
         rm={"spk_embed_dim": 192},

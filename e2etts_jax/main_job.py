@@ -59,6 +59,7 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # mel error in each. 2560 beat small's 8·5·5·5 (1000) on the speaker ranking (84.7% vs 76.9% of 77 sentences
     # over 5 pairs, p = 0.039); without the dependence part 3^8 collapsed onto 19-84 codes (docs/diagnosis.md).
     "tokenizer.fsq_levels": (3,) * 8,
+    "tokenizer.usage_dependence": 4.0,
     "fm.encoder_layers": 4,
     "train.stage1.learning_rate": 2e-3,
     "train.stage1.steps": 800,
