@@ -113,12 +113,13 @@ def base_config() -> ml_collections.ConfigDict:
       "token_rate": 25.0,
       "fsq_levels": (8, 5, 5, 5),
       "usage_temperature": 1.0,   # softness of the code-usage term's level assignment (in squared level units)
-      # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence). Without it
-      # 3^8's channels copy each other and the main job's codes collapse onto 19-84 (perplexity); at 4 they stay
-      # spread (270-383) and resynthesis reads better than with 2560 codes. The weight that helps depends on the
-      # channel count: on tiny's 3·3·3, 4 lowers the code perplexity and 1 raises it (docs/diagnosis.md). So 0
-      # here, 4 for `paper`'s 3^8 and the main job's.
-      "usage_dependence": 0.0,
+      # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence), per channel:
+      # the loss adds weight * (channels - 1) / 2 * the mean over pairs, so a copied pair costs weight / channels
+      # whatever the channel count. Without it 3^8's channels copy each other and the main job's codes collapse
+      # onto 19-84 (perplexity); at 2/7 and 8/7 they stay spread (270-383) and resynthesis reads better than with
+      # 2560 codes; on tiny's 3·3·3, 1 raised the code perplexity 6.2 -> 10.0 where 4 lowered it to 4.8
+      # (docs/diagnosis.md).
+      "usage_dependence": 1.0,
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })
 
@@ -237,7 +238,7 @@ _SIZES = {
         audio={"sample_rate": 24000, "n_fft": 1920, "win_length": 1920, "hop_length": 480},
         nets={"tokenizer": (1024, 24, 16, 16, 6784), "llm": (1024, 28, 16, 8, 5888),
               "fm": (1024, 22, 16, 16, 4096), "rm": (1024, 24, 16, 16, 6784)},
-        tokenizer={"fsq_levels": (3,) * 8, "usage_dependence": 4.0},
+        tokenizer={"fsq_levels": (3,) * 8},
         text={"vocab_size": 4096},
         llm={"max_len": 2048},
         rm={"spk_embed_dim": 192},

@@ -54,12 +54,12 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "data.max_frames": 250,
     "data.bucket_boundaries": (250,),
     **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
-    # The paper's 3^8 (6561 codes), kept spread by the code-usage term's dependence part (tokenizer.usage_dependence):
-    # over 5 paired runs it resynthesises 7.4 WER points better than 8·8·8·5 (2560 codes; p = 0.003) with a lower
-    # mel error in each. 2560 beat small's 8·5·5·5 (1000) on the speaker ranking (84.7% vs 76.9% of 77 sentences
-    # over 5 pairs, p = 0.039); without the dependence part 3^8 collapsed onto 19-84 codes (docs/diagnosis.md).
+    # The paper's 3^8 (6561 codes), kept spread by the code-usage term's dependence part (tokenizer.usage_dependence,
+    # 8/7 per channel in those runs, the config's 1 since): over 5 paired runs it resynthesises 7.4 WER points
+    # better than 8·8·8·5 (2560 codes; p = 0.003) with a lower mel error in each. 2560 beat small's 8·5·5·5 (1000)
+    # on the speaker ranking (84.7% vs 76.9% of 77 sentences over 5 pairs, p = 0.039); without the dependence part
+    # 3^8 collapsed onto 19-84 codes (docs/diagnosis.md).
     "tokenizer.fsq_levels": (3,) * 8,
-    "tokenizer.usage_dependence": 4.0,
     "fm.encoder_layers": 4,
     "train.stage1.learning_rate": 2e-3,
     "train.stage1.steps": 800,

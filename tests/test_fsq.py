@@ -120,7 +120,7 @@ def test_usage_loss_spread_vs_collapsed():
   # The two channels copy each other: the entropy part cannot see it, the dependence (1 here) can.
   np.testing.assert_allclose(float(m["dependence"]), 1.0, atol=1e-5)
   copied, _ = fsq.usage_loss(z, mask, temperature=1e-3, linear_range=10.0, dependence_weight=0.5)
-  np.testing.assert_allclose(float(copied), -0.5, atol=1e-5)
+  np.testing.assert_allclose(float(copied), -1.0 + 0.5 / 2, atol=1e-5)   # one copied pair of 2 channels: weight / 2
   collapsed, m = fsq.usage_loss(jnp.zeros((300, 2)), mask, temperature=1e-3, linear_range=10.0)
   np.testing.assert_allclose(float(collapsed), 0.0, atol=1e-5)
   assert float(m["batch_entropy"]) < 1e-5 and float(m["range"]) == 0.0
@@ -156,6 +156,20 @@ def test_dependence_of_independent_copied_and_mirrored_channels():
   assert float(FSQ((5,)).dependence(jnp.full((4, 1, 5), 0.2), jnp.ones(4, bool))) == 0.0   # no pairs
 
 
+@pytest.mark.parametrize("channels", [2, 8])
+def test_dependence_weight_is_per_channel(channels):
+  """The usage term adds dependence_weight * (channels - 1) / 2 * the mean pairwise dependence: one copied pair
+  among otherwise independent channels costs dependence_weight / channels on any channel count, as one channel's
+  share of the entropy part does."""
+  fsq = FSQ((3,) * channels)
+  digits = np.stack(np.meshgrid(*[np.arange(3)] * channels, indexing="ij"), -1).reshape(-1, channels)
+  digits[:, 1] = digits[:, 0]             # channel 1 copies channel 0; the rest stay independent
+  z, mask = _grid_latents(fsq, digits), jnp.ones(len(digits), bool)
+  loss = lambda weight: float(fsq.usage_loss(z, mask, temperature=1e-3, linear_range=10.0,
+                                             dependence_weight=weight)[0])
+  np.testing.assert_allclose(loss(1.5) - loss(0.0), 1.5 / channels, atol=1e-4)   # float32 sums over 3^8 rows
+
+
 def test_dependence_gradient_separates_copied_channels():
   """Descending the usage term with the dependence turned on unties two channels that start as near copies: their
   hard codes decorrelate and use more level combinations. Without it the copies stay."""
@@ -175,7 +189,7 @@ def test_dependence_gradient_separates_copied_channels():
 
   corr, perplexity = train(0.0)
   assert corr > 0.9 and perplexity < 2.5    # ~2 codes: two corners of the 3 x 3 grid's diagonal
-  corr, perplexity = train(1.0)
+  corr, perplexity = train(2.0)   # 1 on the pair's mean dependence
   assert corr < 0.5 and perplexity > 3.5    # ~4 codes: all four corners
 
 

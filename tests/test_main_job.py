@@ -20,7 +20,7 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   # tokenizer quantising to 3^8 codes.
   small, mini = config_lib.get_config("small"), config_lib.get_config("mini")
   for net in ("tokenizer", "llm", "rm"):
-    fsq = {"fsq_levels": (3,) * 8, "usage_dependence": 4.0} if net == "tokenizer" else {}
+    fsq = {"fsq_levels": (3,) * 8} if net == "tokenizer" else {}
     assert full[net].to_dict() == {**small[net].to_dict(), **{k: mini[net][k] for k in main_job._NET_SHAPE}, **fsq}
   assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
   assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate

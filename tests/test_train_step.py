@@ -202,8 +202,9 @@ def test_usage_dependence_adds_the_channels_mutual_information_to_the_usage_term
   base, weighted = metrics(0.0), metrics(2.5)
   dep = float(base["codes/dependence"])
   assert 0.0 < dep < 1.0 and float(weighted["codes/dependence"]) == dep
-  assert float(weighted["loss/usage"] - base["loss/usage"]) == pytest.approx(2.5 * dep, rel=1e-5)
-  extra = 2.5 * dep * c.train.stage1.weights.usage
+  per_channel = (len(c.tokenizer.fsq_levels) - 1) / 2      # the weight is per channel (fsq.FSQ.usage_loss)
+  assert float(weighted["loss/usage"] - base["loss/usage"]) == pytest.approx(2.5 * per_channel * dep, rel=1e-5)
+  extra = 2.5 * per_channel * dep * c.train.stage1.weights.usage
   assert float(weighted["loss/total"] - base["loss/total"]) == pytest.approx(extra, rel=1e-4)
 
 

@@ -112,11 +112,14 @@ class FSQ:
       range:    mean squared excess of |z| (centred as `bound` centres it) over `linear_range`: a tanh pushed
                 past ~2 passes almost no gradient (see `gradient_gain`), so a saturated channel can never be
                 moved again by any loss; this pull back needs no gradient through the tanh;
-      dependence (times `dependence_weight`): see `dependence`. The entropy part sees each channel alone, so
-                channels that copy each other cost it nothing, and a codebook of many small channels (3^8) can
-                use every level of every channel yet only a few dozen joint codes.
+      dependence (times `dependence_weight * (dim - 1) / 2`): see `dependence`. The entropy part sees each
+                channel alone, so channels that copy each other cost it nothing, and a codebook of many small
+                channels (3^8) can use every level of every channel yet only a few dozen joint codes. The factor
+                turns the mean over dim * (dim - 1) / 2 pairs into their sum per channel, the entropy part's
+                scale (a copied pair costs weight / dim, as one channel's share of the entropy part does), so that
+                one weight means the same pull on any channel count.
 
-    mask [...] bool. Returns (entropy + range + dependence_weight * dependence,
+    mask [...] bool. Returns (entropy + range + dependence_weight * (dim - 1) / 2 * dependence,
     {'sample_entropy', 'batch_entropy', 'dependence' in [0, 1], 'range'}).
     """
     z = z.astype(jnp.float32)
@@ -130,7 +133,7 @@ class FSQ:
     excess = jnp.square(jax.nn.relu(jnp.abs(z + self._shift) - linear_range))
     range_loss = layers.masked_mean(jnp.mean(excess, -1), mask)
     dependence = self.dependence(p, mask)
-    loss = jnp.mean(sample_h - batch_h) + range_loss + dependence_weight * dependence
+    loss = jnp.mean(sample_h - batch_h) + range_loss + dependence_weight * (self.dim - 1) / 2 * dependence
     return loss, dict(sample_entropy=jnp.mean(sample_h), batch_entropy=jnp.mean(batch_h), dependence=dependence,
                       range=range_loss)
 
