@@ -116,9 +116,9 @@ def base_config() -> ml_collections.ConfigDict:
       # Weight, inside the code-usage term, of the channels' mutual information (fsq.FSQ.dependence), per channel:
       # the loss adds weight * (channels - 1) / 2 * the mean over pairs, so a copied pair costs weight / channels
       # whatever the channel count. Without it 3^8's channels copy each other and the main job's codes collapse
-      # onto 19-84 (perplexity); at 2/7 and 8/7 they stay spread (270-383) and resynthesis reads better than with
-      # 2560 codes; on tiny's 3·3·3, 1 raised the code perplexity 6.2 -> 10.0 where 4 lowered it to 4.8
-      # (docs/diagnosis.md).
+      # onto 19-84 (perplexity); at 2/7, 8/7 and 1 they stay spread (270-383); at 8/7 resynthesis reads better
+      # than with 2560 codes, and 1 reads as 8/7 does over 3 paired runs. On tiny's 3·3·3, 1 raised the code
+      # perplexity 6.2 -> 10.0 where 4 lowered it to 4.8 (docs/diagnosis.md).
       "usage_dependence": 1.0,
       "conv_kernel": 0,           # taps of each block's depthwise convolution over tokens (0 = none; layers.MLP)
   })

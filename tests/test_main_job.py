@@ -22,6 +22,7 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   for net in ("tokenizer", "llm", "rm"):
     fsq = {"fsq_levels": (3,) * 8} if net == "tokenizer" else {}
     assert full[net].to_dict() == {**small[net].to_dict(), **{k: mini[net][k] for k in main_job._NET_SHAPE}, **fsq}
+  assert full.tokenizer.usage_dependence > 0   # without the dependence part 3^8's channels copy each other
   assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
   assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate
   assert full.train.stage3.weights.to_dict() == {**small.train.stage3.weights.to_dict(), "llm": 3.0}
