@@ -152,6 +152,7 @@ def base_config() -> ml_collections.ConfigDict:
       "ode_steps": 10,
       "guidance": 0.7,
       "temperature": 1.0,         # initial-noise scale of sampling (flow_matching.sample)
+      "start_t": 0.0,             # flow time the sampler starts at from the noised prior mel (0 = from noise)
       # What synthesis decodes tokens with: 'flow' (the guided ODE solve) or 'prior' (the prior head's direct
       # regression of the mel; no noise, no prompt mel). An inference setting (synthesis.INFERENCE_KEYS).
       "decoder": "flow",
@@ -368,6 +369,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"model.scan_unroll={c.model.scan_unroll}: must be >= 0 (0 = all layers)")
   if c.fm.t_schedule not in flow_matching.T_SCHEDULES:
     raise ConfigError(f"fm.t_schedule={c.fm.t_schedule!r}: choose one of {flow_matching.T_SCHEDULES}")
+  if not 0.0 <= c.fm.start_t < 1.0:
+    raise ConfigError(f"fm.start_t={c.fm.start_t}: must be in [0, 1) (0 = the solve starts from noise)")
   if c.fm.decoder not in FM_DECODERS:
     raise ConfigError(f"fm.decoder={c.fm.decoder!r}: choose one of {FM_DECODERS}")
   if c.text.frontend not in text_lib.FRONTENDS:

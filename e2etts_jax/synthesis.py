@@ -59,7 +59,7 @@ PromptAudio = Union[str, "os.PathLike[str]", tuple]   # a path, or (wav [samples
 # The config values a trained system may be synthesised with other than those it was trained with: how the LLM
 # samples and how the FM's ODE is solved. Anything else would no longer describe the trained parameters.
 INFERENCE_KEYS = (*(f"llm.{k}" for k in generation.SAMPLING_KEYS), "fm.ode_steps", "fm.guidance", "fm.temperature",
-                  "fm.decoder")
+                  "fm.start_t", "fm.decoder")
 
 
 class SynthesisError(ValueError):
@@ -253,6 +253,7 @@ class Synthesizer:
     s, fsq = self.system, self.system.fsq
     steps, guidance = int(self.config.fm.ode_steps), float(self.config.fm.guidance)
     sigma_min, temperature = float(self.config.fm.sigma_min), float(self.config.fm.temperature)
+    start_t = float(self.config.fm.start_t)
 
     def tokenize(p, mel, mel_mask):
       out = s.tokenizer.apply({"params": p}, mel, mel_mask)
@@ -265,7 +266,8 @@ class Synthesizer:
       apply_fn = lambda *a: s.fm.apply({"params": p}, *a)
       codes = fsq.indices_to_codes(indices) * code_mask[..., None]
       return flow_matching.sample(apply_fn, rng, codes, code_mask, prompt_mel, prompt_mask, spk, mel_mask,
-                                  steps=steps, guidance=guidance, sigma_min=sigma_min, temperature=temperature)
+                                  steps=steps, guidance=guidance, sigma_min=sigma_min, temperature=temperature,
+                                  start_t=start_t)
 
     def prior(p, indices, code_mask, mel_mask):
       # The prior is a function of the codes alone: x_t, t, prompt and speaker are placeholders (and XLA drops the

@@ -93,6 +93,7 @@ RULES = [
      "text.ctc_units='char'"),
     ("fm time schedule", lambda c: setattr(c.fm, "t_schedule", "cos"), "fm.t_schedule"),
     ("fm decoder", lambda c: setattr(c.fm, "decoder", "vocoder"), "fm.decoder='vocoder'"),
+    ("fm start time", lambda c: setattr(c.fm, "start_t", 1.0), "fm.start_t=1.0: must be in"),
     ("conv taps even", lambda c: setattr(c.fm, "conv_kernel", 4), "fm.conv_kernel=4"),
     ("conv taps negative", lambda c: setattr(c.rm, "conv_kernel", -1), "rm.conv_kernel=-1"),
     ("dropout of everything", lambda c: setattr(c.llm, "dropout", 1.0), "llm.dropout=1.0"),

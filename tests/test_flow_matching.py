@@ -94,6 +94,36 @@ def test_sampler_uses_cosine_grid_with_exact_euler_error(tiny_config):
   assert abs(euler_error - 1.0 / steps) > 1e-3
 
 
+@pytest.mark.parametrize("start_t", [0.3, 0.6])
+def test_shallow_start_begins_on_the_training_path_at_the_prior(tiny_config, start_t):
+  """With start_t the solve starts at (1 - (1 - sigma) t0) x0 + t0 prior and covers [t0, 1] on the rescaled cosine
+  grid: a still field returns exactly that start (temperature 0: t0 prior), v = 2t adds (1 - t0^2) less the Euler
+  error of the rescaled grid, and prompt frames stay the prompt."""
+  mel, mel_mask, codes, code_mask, spk = _batch(tiny_config)
+  steps, f = 6, mel.shape[1]
+  prior = fm.normalize_mel(mel) + 0.25
+  prompt_mask = jnp.arange(f)[None] < jnp.array([[4], [0]])
+  net = lambda field: (lambda x, *rest: (field(x, *rest), prior * rest[-1][..., None]))
+  run = lambda field, **kw: np.asarray(fm.sample(net(field), jax.random.key(6), codes, code_mask, mel, prompt_mask,
+                                                 spk, mel_mask, steps=steps, guidance=0.0, start_t=start_t, **kw))
+  free = np.asarray(mel_mask & ~prompt_mask)
+  still = run(lambda x, t, *_: jnp.zeros_like(x), temperature=0.0, sigma_min=0.0)
+  np.testing.assert_allclose(still[free], np.asarray(fm.denormalize_mel(start_t * prior))[free], atol=1e-5)
+  np.testing.assert_array_equal(still[np.asarray(prompt_mask)], np.asarray(mel)[np.asarray(prompt_mask)])
+  moved = run(lambda x, t, *_: jnp.broadcast_to(2 * t[:, None, None], x.shape), temperature=0.0, sigma_min=0.0)
+  grid = start_t + (1 - start_t) * (1 - np.cos(np.linspace(0, 1, steps + 1) * np.pi / 2))
+  np.testing.assert_allclose((moved - still)[free] / fm.MEL_STD, (1 - start_t ** 2) - np.sum(np.diff(grid) ** 2),
+                             atol=1e-5)
+  # With noise, the start keeps (1 - (1 - sigma) t0) of it: a still field returns that noise around t0 prior.
+  noisy = run(lambda x, t, *_: jnp.zeros_like(x), sigma_min=1e-3)
+  x0 = jax.random.normal(jax.random.key(6), mel.shape)
+  expect = fm.denormalize_mel((1 - (1 - 1e-3) * start_t) * x0 + start_t * prior - 1e-3 * x0)
+  np.testing.assert_allclose(noisy[free], np.asarray(expect)[free], atol=1e-4)
+  with pytest.raises(ValueError, match="start_t=1.0"):
+    fm.sample(net(lambda x, t, *_: x), jax.random.key(0), codes, code_mask, mel, prompt_mask, spk, mel_mask,
+              steps=2, guidance=0.0, start_t=1.0)
+
+
 def _cond_field(x, t, codes, code_mask, prompt, spk, mel_mask):
   """A field that depends on every condition, so conditional and unconditional velocities differ."""
   c = jnp.mean(codes * code_mask[..., None], axis=(1, 2))[:, None, None]

@@ -261,12 +261,14 @@ def test_inference_settings_change_only_how_the_system_samples(synth, utts, work
   mel = synth.mel_of(audio.load_audio(utts[0]["audio"], 16000), 16000)[: synth.ds * 8]
   key = jax.random.key(3)
   one_step = synthesis.Synthesizer(synth.system, synth.params, synth.sp,
-                                   inference=["fm.ode_steps=1", "fm.temperature=0", "llm.top_k=5"])
-  assert (one_step.config.fm.ode_steps, one_step.config.fm.temperature, one_step.sampling["top_k"]) == (1, 0.0, 5)
+                                   inference=["fm.ode_steps=1", "fm.temperature=0", "fm.start_t=0.4",
+                                              "llm.top_k=5"])
+  assert (one_step.config.fm.ode_steps, one_step.config.fm.temperature, one_step.config.fm.start_t,
+          one_step.sampling["top_k"]) == (1, 0.0, 0.4, 5)
   assert synth.config.fm.ode_steps != 1 and synth.sampling["top_k"] != 5   # the trained config is untouched
   # The same as a system whose config says so: the settings reach the LLM sampler and the FM's ODE solve.
   edited = ml_collections.ConfigDict(synth.config.to_dict())
-  edited.fm.update(ode_steps=1, temperature=0.0)
+  edited.fm.update(ode_steps=1, temperature=0.0, start_t=0.4)
   reference = synthesis.Synthesizer(System(edited, synth.system.info), synth.params, synth.sp)
   got = one_step.resynthesize_mel(mel, key)
   np.testing.assert_array_equal(got, reference.resynthesize_mel(mel, key))

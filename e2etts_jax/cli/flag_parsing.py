@@ -37,7 +37,8 @@ def app_flags_parser(flag_values: flags.FlagValues, doc: str):
 
 INFERENCE_HELP = ("Inference settings to synthesise with instead of the trained config's, key=value[,...]: "
                   "llm.temperature, llm.top_k, llm.top_p, llm.ras_window, llm.ras_tau, llm.min_ratio, "
-                  "llm.max_ratio, fm.ode_steps, fm.guidance, fm.temperature, fm.decoder (flow or prior) "
+                  "llm.max_ratio, fm.ode_steps, fm.guidance, fm.temperature, fm.start_t (in [0, 1): start the solve there "
+                  "from the noised prior mel), fm.decoder (flow or prior) "
                   "(synthesis.INFERENCE_KEYS).")
 
 

@@ -226,7 +226,7 @@ def cosine_time_grid(steps: int) -> Array:
 
 def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, prompt_mel: Array,
            prompt_mask: Array, spk: Array, mel_mask: Array, *, steps: int, guidance: float,
-           sigma_min: float = 1e-6, temperature: float = 1.0) -> Array:
+           sigma_min: float = 1e-6, temperature: float = 1.0, start_t: float = 0.0) -> Array:
   """Generates log-mel by a guided Euler ODE solve on the cosine grid (jit-friendly: one lax.fori_loop).
 
   Args:
@@ -240,6 +240,11 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
       the data mean, trading variety for less residual noise where the velocity field is still imprecise.
     sigma_min: the training path's floor. The straight path ends at x1 + sigma_min * x0, so the known start
       noise term is removed at the end (exact for straight trajectories, negligible otherwise).
+    start_t: flow time the solve starts at (static Python float in [0, 1); 0 = from pure noise). Above 0 the
+      start is the training path's point at start_t with the prior head's mel in place of the unknown mel,
+      (1 - (1 - sigma_min) start_t) x0 + start_t prior (DiffSinger's shallow diffusion), and the `steps` Euler
+      steps cover [start_t, 1] on the cosine grid rescaled to it: the solve skips the noise end, where the
+      velocity is hardest to predict, and starts from what the codes say of the mel.
   Returns:
     [B, F, M] real log-mel: prompt frames equal `prompt_mel`, padded frames are MEL_SILENCE.
   """
@@ -249,6 +254,16 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
   x0 = float(temperature) * jax.random.normal(rng, (b, f, m), jnp.float32)
   grid = cosine_time_grid(steps)
   guided = float(guidance) != 0.0
+  start_t = float(start_t)
+  if not 0.0 <= start_t < 1.0:
+    raise ValueError(f"flow_matching.sample: start_t={start_t} must be in [0, 1)")
+  x_start = x0
+  if start_t > 0.0:
+    # The prior is a function of the codes alone (x_t, t, prompt and speaker do not reach it).
+    _, prior = apply_fn(jnp.zeros_like(x0), jnp.zeros((b,), jnp.float32), codes, code_mask, prompt, spk, mel_mask)
+    prior = jnp.where(prompt_mask[..., None], prompt, prior.astype(jnp.float32))   # the prompt's mel is known
+    x_start = (1.0 - (1.0 - sigma_min) * start_t) * x0 + start_t * prior
+    grid = start_t + (1.0 - start_t) * grid
 
   if guided:
     # Unconditional rows: no codes, no speaker, no prompt (as the training-time CFG drop).
@@ -271,7 +286,7 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
     t, t_next = grid[i], grid[i + 1]
     return x + (t_next - t) * velocity(x, t)
 
-  x = jax.lax.fori_loop(0, steps, step, x0) - sigma_min * x0
+  x = jax.lax.fori_loop(0, steps, step, x_start) - sigma_min * x0
   mel = denormalize_mel(x)
   mel = jnp.where(prompt_mask[..., None], prompt_mel.astype(jnp.float32), mel)
   return jnp.where(mel_mask[..., None], mel, MEL_SILENCE)
