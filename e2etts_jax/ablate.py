@@ -35,13 +35,12 @@ import glob
 import json
 import math
 import os
-import platform
 import subprocess
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
 
-from e2etts_jax import config_lib
+from e2etts_jax import config_lib, provenance
 
 
 def _recognition_tokenizer(c: ml_collections.ConfigDict) -> None:
@@ -176,57 +175,6 @@ def _commit() -> Optional[str]:
     return None
 
 
-def machine() -> str:
-  """What the run trained on, e.g. 'CPU (AMD EPYC), 1 of 2 cores (x86_64)' for a process pinned (taskset) to one
-  core of two: studies run one process per core, and its time is that core's, not the machine's. The CPU model is
-  named because float results (and so a few of the judge's readings) differ between CPU models."""
-  import jax
-  dev = jax.devices()[0]
-  if jax.default_backend() != "cpu":
-    kind = f"{jax.device_count()}x {dev.device_kind}"
-  else:
-    model = _cpu_model()
-    kind = f"CPU ({model})" if model else "CPU"
-  total = os.cpu_count()
-  usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else total
-  cores = f"{total} cores" if usable == total else f"{usable} of {total} cores"
-  return f"{kind}, {cores} ({platform.machine()})"
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor()
-
-
-# What shapes a run's figures besides our code: the numerics (jax, numpy, scipy, librosa), the judge (pocketsphinx,
-# jiwer) and the corpus (flite). Studies that pair runs across machines or installs can then say what differed.
-VERSIONED = ("jax", "jaxlib", "flax", "optax", "numpy", "scipy", "librosa", "soxr", "pocketsphinx", "jiwer")
-
-
-def versions() -> dict[str, Optional[str]]:
-  """{package: installed version (None if absent)} of VERSIONED, plus 'flite': its version line."""
-  from importlib import metadata
-  out: dict[str, Optional[str]] = {}
-  for name in VERSIONED:
-    try:
-      out[name] = metadata.version(name)
-    except metadata.PackageNotFoundError:
-      out[name] = None
-  try:
-    proc = subprocess.run(["flite", "--version"], capture_output=True, text=True, timeout=10)
-    line = next((ln.strip() for ln in proc.stdout.splitlines() if "version" in ln), None)
-    out["flite"] = line.split(":", 1)[1].strip() if line else None
-  except (OSError, subprocess.SubprocessError):
-    out["flite"] = None
-  return out
-
-
 def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, overrides: Sequence[str],
                 commit: Optional[str] = None, study_steps: Optional[int] = None,
                 train_flops: Optional[float] = None) -> dict:
@@ -245,7 +193,7 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
       "steps": summary["steps"], "study_steps": study_steps, "train_flops": train_flops,
       "overrides": list(overrides),
-      "batch_size": summary.get("batch_size"), "machine": machine(), "versions": versions(),
+      "batch_size": summary.get("batch_size"), "machine": provenance.machine(), "versions": provenance.versions(),
       "commit": commit,
       "date": datetime.date.today().isoformat(),
       "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],

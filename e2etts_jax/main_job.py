@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Optional
 import ml_collections
 import numpy as np
 
-from e2etts_jax import config_lib
+from e2etts_jax import config_lib, provenance
 
 # Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line.
 # - Batch 8 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus): every (stage, length bucket) pair
@@ -260,6 +260,10 @@ def summary_markdown(summary: Mapping) -> str:
   lines = ["# Main job summary", "", f"workdir: `{summary['workdir']}`  ", f"config: {summary['config_name']} "
            f"(steps {summary['steps']}), corpus {summary['corpus']['utterances']} utterances "
            f"({summary['corpus']['hours']:.2f} h), test items scored: {summary.get('eval_items')}  "]
+  if summary.get("machine"):
+    # Ceilings and trajectories move between CPU generations and installs, so the summary says which it had.
+    packages = ", ".join(f"{k} {v}" for k, v in (summary.get("versions") or {}).items() if v)
+    lines += [f"machine: {summary['machine']}" + (f"; {packages}" if packages else "") + "  "]
   if summary.get("networks"):
     lines += [_network_line(summary["networks"])]
   lines += ["",
@@ -446,6 +450,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "codebook_size": synth.system.fsq.codebook_size,
       "networks": network_shapes(synth.system.config, synth.params),
       "global_step": result.global_step,
+      "machine": provenance.machine(), "versions": provenance.versions(),
       "paths": {
           "tts_wavs": os.path.join(eval_dir, "tts", "wavs"),
           "tts_report": os.path.join(eval_dir, "tts", "report.md"),

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sstats
 
-from e2etts_jax import ablate, config_lib, flops
+from e2etts_jax import ablate, config_lib, flops, provenance
 from e2etts_jax.system import DataInfo
 
 
@@ -126,7 +126,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert r["mel_mse"] == 3.0 and r["per_utterance_mel_mse"] == {"a": 3.0, "b": 3.1, "c": 3.2}
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
   assert r["versions"]["numpy"] == np.__version__ and r["versions"]["jax"] == jax.__version__
-  assert set(ablate.VERSIONED) < set(r["versions"])
+  assert set(provenance.VERSIONED) < set(r["versions"])
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
   info = DataInfo.for_config(c)
   assert r["study_steps"] == sum(c.train[s].steps for s in config_lib.STAGES)
@@ -299,14 +299,3 @@ def test_add_wer_components_fills_per_utterance_missed_only_from_the_eval_that_w
   with pytest.raises(ValueError, match="miss 41.0000% of words on average, the saved WER components 40.0000%"):
     ablate.add_wer_components(str(run / "results.json"))
   assert json.loads((run / "results.json").read_text()) == saved
-
-
-def test_machine_names_the_cpu_model_and_the_cores_the_process_may_use(monkeypatch):
-  monkeypatch.setattr(ablate, "_cpu_model", lambda: "AMD EPYC")
-  monkeypatch.setattr(os, "cpu_count", lambda: 4)
-  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-  assert ablate.machine().startswith("CPU (AMD EPYC), 4 cores (")
-  monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1}, raising=False)   # taskset -c 1
-  assert ablate.machine().startswith("CPU (AMD EPYC), 1 of 4 cores (")
-  monkeypatch.setattr(ablate, "_cpu_model", lambda: "")
-  assert ablate.machine().startswith("CPU, 1 of 4 cores (")

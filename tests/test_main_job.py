@@ -98,7 +98,9 @@ def test_final_losses_and_summary_table(tmp_path):
   summary["speaker_ranking"] = {"speakers": 4, "tts": {"top1": 0.5, "n": 2}, "ceiling": {"top1": 1.0, "n": 2}}
   assert ("first of 4; chance 25%): tts 50% of 2, ceiling 100% of 2"
           in main_job.summary_markdown(summary))
-  assert "warning" not in md and "networks:" not in md
+  assert "warning" not in md and "networks:" not in md and "machine:" not in md
+  summary["machine"], summary["versions"] = "CPU (AMD EPYC), 2 cores (x86_64)", {"jax": "0.10.2", "soxr": None}
+  assert "\nmachine: CPU (AMD EPYC), 2 cores (x86_64); jax 0.10.2  \n" in main_job.summary_markdown(summary)
   summary["networks"] = {"fm": {"d_model": 8, "num_layers": 2, "mlp_dim": 16, "params": 1234567, "encoder_layers": 1}}
   assert "\nnetworks: fm d8 x 2 + 1-layer token encoder (1.23M)\n" in main_job.summary_markdown(summary)
   losses["stage3"]["late/loss/fm"] = 0.5
