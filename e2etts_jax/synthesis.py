@@ -270,13 +270,9 @@ class Synthesizer:
                                   start_t=start_t)
 
     def prior(p, indices, code_mask, mel_mask):
-      # The prior is a function of the codes alone: x_t, t, prompt and speaker are placeholders (and XLA drops the
-      # velocity branch, whose output is unused).
       codes = fsq.indices_to_codes(indices) * code_mask[..., None]
-      b, f = mel_mask.shape
-      zeros = jnp.zeros((b, f, int(self.config.audio.n_mels)), jnp.float32)
-      spk = jnp.zeros((b, int(self.config.rm.spk_embed_dim)), jnp.float32)
-      _, mel = s.fm.apply({"params": p}, zeros, jnp.zeros((b,)), codes, code_mask, zeros, spk, mel_mask)
+      mel = flow_matching.prior_mel(lambda *a: s.fm.apply({"params": p}, *a), codes, code_mask, mel_mask,
+                                    n_mels=int(self.config.audio.n_mels), spk_dim=int(self.config.rm.spk_embed_dim))
       return flow_matching.denormalize_mel(mel)
 
     self._tokenize = jax.jit(tokenize)

@@ -224,6 +224,20 @@ def cosine_time_grid(steps: int) -> Array:
   return 1.0 - jnp.cos(s * (jnp.pi / 2))
 
 
+def prior_mel(apply_fn: VelocityFn, codes: Array, code_mask: Array, mel_mask: Array, *, n_mels: int,
+              spk_dim: int) -> Array:
+  """[B, F, M] float32 normalised mel of the FM's prior head (`apply_fn`'s second output) for `codes`.
+
+  The prior is a function of the codes alone, so x_t, t, prompt and speaker are zero placeholders (and XLA drops the
+  velocity branch, whose output is unused).
+  """
+  b, f = mel_mask.shape
+  zeros = jnp.zeros((b, f, n_mels), jnp.float32)
+  _, prior = apply_fn(zeros, jnp.zeros((b,), jnp.float32), codes, code_mask, zeros,
+                      jnp.zeros((b, spk_dim), jnp.float32), mel_mask)
+  return prior.astype(jnp.float32)
+
+
 def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, prompt_mel: Array,
            prompt_mask: Array, spk: Array, mel_mask: Array, *, steps: int, guidance: float,
            sigma_min: float = 1e-6, temperature: float = 1.0, start_t: float = 0.0) -> Array:
@@ -259,9 +273,8 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
     raise ValueError(f"flow_matching.sample: start_t={start_t} must be in [0, 1)")
   x_start = x0
   if start_t > 0.0:
-    # The prior is a function of the codes alone (x_t, t, prompt and speaker do not reach it).
-    _, prior = apply_fn(jnp.zeros_like(x0), jnp.zeros((b,), jnp.float32), codes, code_mask, prompt, spk, mel_mask)
-    prior = jnp.where(prompt_mask[..., None], prompt, prior.astype(jnp.float32))   # the prompt's mel is known
+    prior = prior_mel(apply_fn, codes, code_mask, mel_mask, n_mels=m, spk_dim=spk.shape[-1])
+    prior = jnp.where(prompt_mask[..., None], prompt, prior)   # the prompt's mel is known
     x_start = (1.0 - (1.0 - sigma_min) * start_t) * x0 + start_t * prior
     grid = start_t + (1.0 - start_t) * grid
 
