@@ -104,6 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
       "remat": "none",
       "scan_unroll": 0,           # layers per iteration of each network's layer loop; 0 = all (no loop)
       "rope_base": 10000.0,
+      # Synthesis decodes with the EMA weights of train.ema_networks where the run kept them (False: the raw
+      # weights). An inference setting (synthesis.INFERENCE_KEYS).
+      "use_ema": True,
   })
 
   c.tokenizer = ml_collections.ConfigDict({
@@ -198,6 +201,11 @@ def base_config() -> ml_collections.ConfigDict:
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
+      # Exponential moving average of the weights of `ema_networks` while they train (0 = none kept): the average
+      # over the last ~1 / (1 - ema_decay) updates, bias-corrected so it never holds the initialisation. Synthesis
+      # decodes with it (`model.use_ema`). Not the tokenizer: later stages train the others on its raw codes.
+      "ema_decay": 0.0,
+      "ema_networks": "llm,fm",
       # Warm start: a training workdir whose latest checkpoint's parameters seed the networks named in
       # init_networks (the others start fresh), e.g. several LLMs trained on one trained tokenizer + FM. Read only
       # when this run's workdir has no checkpoint yet: a resumed run continues from its own.
@@ -407,6 +415,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   if c.train.mode not in MODES:
     raise ConfigError(f"train.mode={c.train.mode!r}: choose one of {MODES}")
   _check_networks("train.init_networks", c.train.init_networks)
+  _check_networks("train.ema_networks", c.train.ema_networks)
+  if not 0.0 <= c.train.ema_decay < 1.0:
+    raise ConfigError(f"train.ema_decay={c.train.ema_decay}: must be in [0, 1) (0 = no weight average kept)")
   for stage in STAGES:
     s = c.train[stage]
     _check_networks(f"train.{stage}.trainable", s.trainable)

@@ -59,7 +59,7 @@ PromptAudio = Union[str, "os.PathLike[str]", tuple]   # a path, or (wav [samples
 # The config values a trained system may be synthesised with other than those it was trained with: how the LLM
 # samples and how the FM's ODE is solved. Anything else would no longer describe the trained parameters.
 INFERENCE_KEYS = (*(f"llm.{k}" for k in generation.SAMPLING_KEYS), "fm.ode_steps", "fm.guidance", "fm.temperature",
-                  "fm.start_t", "fm.decoder")
+                  "fm.start_t", "fm.decoder", "model.use_ema")
 
 
 class SynthesisError(ValueError):
@@ -164,25 +164,33 @@ def inference_settings(config: ml_collections.ConfigDict) -> dict:
   return out
 
 
-def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[str]]):
-  """`system` (a `system.System`) with INFERENCE_KEYS `settings` applied to a copy of its config (the same object
-  when there are none). Raises ValueError naming a key outside INFERENCE_KEYS or a value that does not parse."""
+def inference_config(config: ml_collections.ConfigDict, settings: Union[Mapping[str, Any], Sequence[str]]
+                     ) -> ml_collections.ConfigDict:
+  """A copy of `config` with INFERENCE_KEYS `settings` applied (`config` itself when there are none). Raises
+  ValueError naming a key outside INFERENCE_KEYS or a value that does not parse."""
   if isinstance(settings, str):
     settings = [settings]
   settings = dict(settings) if isinstance(settings, Mapping) else list(settings)
   if not settings:
-    return system
+    return config
   for key in (settings if isinstance(settings, dict) else (s.split("=", 1)[0] for s in settings)):
     if key not in INFERENCE_KEYS:
       raise ValueError(f"{key!r} is not an inference setting: a trained system synthesises with other values "
                        f"of {', '.join(INFERENCE_KEYS)} only")
-  config = ml_collections.ConfigDict(system.config.to_dict())
+  config = ml_collections.ConfigDict(config.to_dict())
   try:
     config_lib.apply_overrides(config, settings)   # parses 'key=value' strings like the command line
     config_lib.validate(config)                    # names a value out of range (fm.decoder=...)
   except config_lib.ConfigError as e:
     raise ValueError(str(e)) from e
-  return System(config, system.info)
+  return config
+
+
+def with_inference_settings(system, settings: Union[Mapping[str, Any], Sequence[str]]):
+  """`system` (a `system.System`) with INFERENCE_KEYS `settings` applied to a copy of its config (the same object
+  when there are none); ValueError as `inference_config`."""
+  config = inference_config(system.config, settings)
+  return system if config is system.config else System(config, system.info)
 
 
 class Synthesizer:
@@ -234,7 +242,15 @@ class Synthesizer:
         except (ValueError, OSError) as e:
           raise checkpoint.CheckpointError(f"{path} is damaged: {type(e).__name__}: {e}") from e
     try:
-      system, params, meta = trainer.load_trained(workdir, step=step)
+      trained_config = trainer.load_config(workdir)
+    except checkpoint.CheckpointError:
+      raise
+    except Exception as e:  # e.g. a key this version does not know
+      raise checkpoint.CheckpointError(f"{os.path.join(workdir, 'config.json')}: {type(e).__name__}: {e}") from e
+    # Which weights to load is an inference setting, read before the checkpoint (a ValueError names a bad one).
+    use_ema = inference_config(trained_config, kwargs.get("inference", ())).model.use_ema
+    try:
+      system, params, meta = trainer.load_trained(workdir, step=step, ema=use_ema)
     except checkpoint.CheckpointError:
       raise
     except Exception as e:  # orbax/json raise many types for damaged files; name the checkpoint either way

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from e2etts_jax import objectives, optim, sharding
+from e2etts_jax import config_lib, objectives, optim, sharding
 from e2etts_jax.system import System
 
 
@@ -26,12 +26,58 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   bad_steps: jax.Array       # consecutive non-finite steps (skipped updates)
   total_bad_steps: jax.Array
+  # The weight average (train.ema_decay > 0, else None): {'params': {network: tree}, 'count': {network: updates
+  # averaged}} for the networks of train.ema_networks. It spans stages: a network's average goes on while it
+  # trains and is kept while a stage freezes it.
+  ema: Any = None
 
 
-def _boxed_state(system: System, tx: optax.GradientTransformation, rng: jax.Array, params=None) -> TrainState:
+def ema_networks(config) -> tuple[str, ...]:
+  """The networks whose weight average the state keeps (none when train.ema_decay is 0)."""
+  return tuple(config_lib.parse_list(config.train.ema_networks)) if config.train.ema_decay > 0 else ()
+
+
+def _boxed_state(system: System, tx: optax.GradientTransformation, rng: jax.Array, params=None,
+                 ema=None) -> TrainState:
   params = system.init(rng) if params is None else params
   zero = jnp.zeros((), jnp.int32)
-  return TrainState(step=zero, params=params, opt_state=tx.init(params), bad_steps=zero, total_bad_steps=zero)
+  nets = ema_networks(system.config)
+  if ema is None and nets:
+    # Zeros, not a copy of the params: the first update's bias-corrected weight is exactly 1, so the average
+    # starts as the params themselves, and its buffers stay distinct from theirs (the state is donated).
+    ema = {"params": {n: jax.tree.map(jnp.zeros_like, params[n]) for n in nets},
+           "count": {n: zero for n in nets}}
+  return TrainState(step=zero, params=params, opt_state=tx.init(params), bad_steps=zero, total_bad_steps=zero,
+                    ema=ema)
+
+
+def update_ema(ema: dict, params: dict, trainable, decay: float) -> dict:
+  """The weight average after one more update of the `trainable` networks' `params`.
+
+  Bias-corrected (Adam's correction, folded into the stored value): after n updates the average is
+  sum_i w_i p_i with weights proportional to decay^(n - i) summing to 1, so the zero start never shows.
+  """
+  out = {"params": dict(ema["params"]), "count": dict(ema["count"])}
+  for net in ema["params"]:
+    if net not in trainable:
+      continue
+    count = ema["count"][net] + 1
+    weight = (1.0 - decay) / (1.0 - jnp.power(jnp.float32(decay), count.astype(jnp.float32)))
+    out["params"][net] = jax.tree.map(lambda e, p: e + weight.astype(e.dtype) * (p - e), ema["params"][net],
+                                      params[net])
+    out["count"][net] = count
+  return out
+
+
+def ema_params(params: dict, ema: dict | None) -> dict:
+  """`params` with each averaged network's weights replaced by its average (networks never trained keep theirs)."""
+  if ema is None:
+    return params
+  out = dict(params)
+  for net, tree in ema["params"].items():
+    if int(ema["count"][net]) > 0:
+      out[net] = tree
+  return out
 
 
 def state_shardings(system: System, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:
@@ -44,17 +90,18 @@ def state_shardings(system: System, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def create_train_state(system: System, tx: optax.GradientTransformation, mesh: Mesh, rng: jax.Array,
-                       params: Any = None) -> tuple[TrainState, TrainState]:
-  """A fresh sharded state (new params from `rng`, or the given `params` with a fresh optimizer)."""
+                       params: Any = None, ema: Any = None) -> tuple[TrainState, TrainState]:
+  """A fresh sharded state (new params from `rng`, or the given `params` with a fresh optimizer; `ema`, the
+  previous stage's weight average, carries on where given and starts anew otherwise)."""
   _, shard_tree = state_shardings(system, tx, mesh)
   if params is None:
     init = jax.jit(lambda r: nn.unbox(_boxed_state(system, tx, r)), out_shardings=shard_tree)
     return init(rng), shard_tree
   # Carry params into a new stage: one jit re-places them and builds the new stage's optimizer state, so every
   # leaf is a fresh buffer (donation later needs distinct buffers).
-  fresh = jax.jit(lambda p: nn.unbox(_boxed_state(system, tx, None, params=p)), out_shardings=shard_tree,
-                  donate_argnums=(0,))
-  return fresh(params), shard_tree
+  fresh = jax.jit(lambda p, e: nn.unbox(_boxed_state(system, tx, None, params=p, ema=e)),
+                  out_shardings=shard_tree, donate_argnums=(0, 1))
+  return fresh(params, ema), shard_tree
 
 
 def global_norm_per_network(grads: dict) -> dict:
@@ -66,6 +113,7 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
   """jit(step)(state, batch, rng) -> (state, metrics). Non-finite loss/grads skip the update and are counted."""
   loss = functools.partial(objectives.loss_fn, system=system, stage=stage)
   trainable = objectives.stage_spec(system.config, stage)[0]
+  ema_decay = float(system.config.train.ema_decay)
   tx = optax.with_extra_args_support(tx)   # a plain optax transform (tests) ignores `schedule`
 
   def step(state: TrainState, batch: dict, rng: jax.Array, schedule: jax.Array):
@@ -76,10 +124,12 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
     params = optax.apply_updates(state.params, updates)
     ok = jnp.isfinite(total) & jnp.all(jnp.stack([jnp.isfinite(v) for v in norms.values()]))
     keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    ema = None if state.ema is None else keep(update_ema(state.ema, params, trainable, ema_decay), state.ema)
     new_state = state.replace(
         step=state.step + 1,
         params=keep(params, state.params),
         opt_state=keep(opt_state, state.opt_state),
+        ema=ema,
         bad_steps=jnp.where(ok, 0, state.bad_steps + 1),
         total_bad_steps=state.total_bad_steps + (~ok).astype(jnp.int32))
     metrics.update({f"grad_norm/{n}": norms[n] for n in trainable})

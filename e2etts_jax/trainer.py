@@ -128,9 +128,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     return config_lib.from_dict(json.load(f))
 
 
-def load_trained(workdir: str, step: Optional[int] = None, mesh=None) -> tuple[System, dict, dict]:
+def load_trained(workdir: str, step: Optional[int] = None, mesh=None, ema: bool = False
+                 ) -> tuple[System, dict, dict]:
   """(system, params, meta) of a workdir's latest (or given) checkpoint, for synthesis and evaluation.
 
+  ema: the averaged networks' weight averages in place of their weights, where the run kept them (train.ema_decay);
+  meta['weights'] then says 'ema' (else 'raw').
   Raises CheckpointError naming what is missing (config, data info, checkpoints) or unreadable.
   """
   config = load_config(workdir)
@@ -152,7 +155,11 @@ def load_trained(workdir: str, step: Optional[int] = None, mesh=None) -> tuple[S
   abstract, _ = train_step.state_shardings(system, optim.make_optimizer(config, meta["stage"]), mesh)
   state, _ = ckpt.restore(step, abstract)
   ckpt.close()
-  return system, state.params, meta
+  params = state.params
+  if ema and state.ema is not None:
+    params = train_step.ema_params(params, state.ema)
+  meta = {**meta, "weights": "ema" if params is not state.params else "raw"}
+  return system, params, meta
 
 
 def warm_start(params: dict, params_shardings: dict, source: str, networks, mesh) -> dict:
@@ -240,7 +247,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
                                 config_lib.parse_list(config.train.init_networks), mesh)
             state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=params)
         elif global_step == first:   # entering a new stage: keep params, fresh optimizer for its networks
-          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params)
+          state, shard_tree = train_step.create_train_state(system, tx, mesh, rng, params=state.params,
+                                                            ema=state.ema)
         step_fns: dict = {}
         logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
         if global_step == first:

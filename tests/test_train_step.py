@@ -267,6 +267,47 @@ def test_non_finite_loss_skips_update_and_counts(system):
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
 
 
+def test_weight_average_is_the_bias_corrected_ema_of_the_trained_networks(system):
+  """train.ema_decay keeps, for train.ema_networks, sum_i w_i p_i over the parameters after each update with
+  weights proportional to decay^(n - i) (summing to 1); a network the stage freezes keeps its average untouched,
+  and the raw weights train exactly as without an average."""
+  c = system.config
+  c.mesh.update(data=1, fsdp=1, tensor=1)
+  c.train.stage2.update(trainable="llm,rm", warmup_steps=1)   # the FM is averaged but frozen here
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  batch = system.random_batch(4, 100, seed=4)
+
+  def run(decay):
+    c.train.update(ema_decay=decay, ema_networks="llm,fm")
+    tx = optim.make_optimizer(c, "stage2")
+    state, sh = train_step.create_train_state(system, tx, mesh, jax.random.key(0))
+    step = train_step.make_train_step(system, tx, "stage2", mesh, sh, batch)
+    trail = []
+    for _ in range(3):
+      state, _ = step(state, batch, jax.random.key(1))
+      trail.append(jax.device_get(state.params))
+    return jax.device_get(state), trail
+
+  decay = 0.8
+  state, trail = run(decay)
+  plain, plain_trail = run(0.0)
+  assert plain.ema is None and set(state.ema["params"]) == {"llm", "fm"}
+  jax.tree.map(np.testing.assert_array_equal, state.params, plain.params)
+  assert int(state.ema["count"]["llm"]) == 3 and int(state.ema["count"]["fm"]) == 0
+  weights = np.array([decay ** (3 - i) for i in (1, 2, 3)])
+  weights /= weights.sum()
+  want = jax.tree.map(lambda *ps: sum(w * p for w, p in zip(weights, ps)), *[p["llm"] for p in trail])
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), state.ema["params"]["llm"],
+               want)
+  assert any(float(np.max(np.abs(a - b))) > 1e-4
+             for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(trail[-1]["llm"])))   # not the last params
+  # Frozen: the FM's average is the zeros it starts as (its first update would make it the params exactly), and
+  # ema_params then keeps the FM's own weights.
+  assert all(not np.any(x) for x in jax.tree.leaves(state.ema["params"]["fm"]))
+  merged = train_step.ema_params(state.params, state.ema)
+  assert merged["fm"] is state.params["fm"] and merged["llm"] is state.ema["params"]["llm"]
+
+
 def test_dropout_acts_in_training_and_only_on_trainable_networks():
   """Dropout 0.5 in every network, a stage training only the LLM beside the frozen networks' own losses."""
   def metrics(dropout, train):

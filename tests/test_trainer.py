@@ -94,6 +94,40 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def test_weight_average_spans_stages_and_is_what_synthesis_loads(tiny_shards, tmp_path):
+  """train.ema_decay: each averaged network's average runs over every update it gets, across stages (the FM
+  trains in stages 1-2, the LLM in 1-3), is checkpointed with the state, and is what load_trained(ema=True) and
+  Synthesizer.from_workdir give unless model.use_ema=false."""
+  from e2etts_jax import synthesis
+  decay = 0.5
+  c = tiny_train_config(tiny_shards, steps=(2, 1, 1))
+  c.train.update(ema_decay=decay, ema_networks="llm,fm", checkpoint_every=1, keep_checkpoints=10, eval_batches=0)
+  run = str(tmp_path / "run")
+  result = trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+  ema = jax.device_get(result.state.ema)
+  assert {n: int(v) for n, v in ema["count"].items()} == {"llm": 4, "fm": 3}
+  raw = [trainer.load_trained(run, step=k)[1] for k in (1, 2, 3, 4)]
+  for net, updates in (("llm", 4), ("fm", 3)):
+    w = np.array([decay ** (updates - i) for i in range(1, updates + 1)])
+    want = [sum(wi * x for wi, x in zip(w / w.sum(), xs)) for xs in zip(*[_leaves(p[net]) for p in raw[:updates]])]
+    for a, b in zip(_leaves(ema["params"][net]), want, strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=net)
+  _, loaded, meta = trainer.load_trained(run, ema=True)
+  assert meta["weights"] == "ema" and trainer.load_trained(run)[2]["weights"] == "raw"
+  for net, want in [("llm", ema["params"]["llm"]), ("fm", ema["params"]["fm"]), ("rm", raw[-1]["rm"]),
+                    ("tokenizer", raw[-1]["tokenizer"])]:
+    for a, b in zip(_leaves(loaded[net]), _leaves(want), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=net)
+  synth = synthesis.Synthesizer.from_workdir(run)
+  assert synth.meta["weights"] == "ema" and synthesis.inference_settings(synth.config)["model.use_ema"] is True
+  synth = synthesis.Synthesizer.from_workdir(run, inference=["model.use_ema=false"])
+  assert synth.meta["weights"] == "raw"
+  for a, b in zip(_leaves(synth.params["fm"]), _leaves(raw[-1]["fm"]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="model.use_emma"):
+    synthesis.Synthesizer.from_workdir(run, inference=["model.use_emma=false"])
+
+
 @pytest.fixture(scope="module")
 def trained_source(tiny_shards, tmp_path_factory):
   """A workdir after 2 steps of stage 1 (checkpoint at step 2): the source of warm starts and resumes below."""

@@ -37,9 +37,9 @@ def app_flags_parser(flag_values: flags.FlagValues, doc: str):
 
 INFERENCE_HELP = ("Inference settings to synthesise with instead of the trained config's, key=value[,...]: "
                   "llm.temperature, llm.top_k, llm.top_p, llm.ras_window, llm.ras_tau, llm.min_ratio, "
-                  "llm.max_ratio, fm.ode_steps, fm.guidance, fm.temperature, fm.start_t (in [0, 1): start the solve there "
-                  "from the noised prior mel), fm.decoder (flow or prior) "
-                  "(synthesis.INFERENCE_KEYS).")
+                  "llm.max_ratio, fm.ode_steps, fm.guidance, fm.temperature, fm.start_t (in [0, 1): start the "
+                  "solve there from the noised prior mel), fm.decoder (flow or prior), model.use_ema (false: the "
+                  "raw weights instead of the run's weight average) (synthesis.INFERENCE_KEYS).")
 
 
 def define_inference_flag(flag_values: flags.FlagValues) -> None:
