@@ -264,6 +264,9 @@ def summary_markdown(summary: Mapping) -> str:
     # Ceilings and trajectories move between CPU generations and installs, so the summary says which it had.
     packages = ", ".join(f"{k} {v}" for k, v in (summary.get("versions") or {}).items() if v)
     lines += [f"machine: {summary['machine']}" + (f"; {packages}" if packages else "") + "  "]
+  if summary.get("weights") == "ema":
+    lines += [f"synthesis weights: {summary['ema']['networks']} averaged over ~"
+              f"{1 / (1 - summary['ema']['decay']):.0f} updates (train.ema_decay={summary['ema']['decay']:g})  "]
   if summary.get("networks"):
     lines += [_network_line(summary["networks"])]
   lines += ["",
@@ -449,6 +452,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "tts_code_perplexity": synthesis.code_usage_perplexity(synth, tts_tokens) if tts_tokens else None,
       "codebook_size": synth.system.fsq.codebook_size,
       "networks": network_shapes(synth.system.config, synth.params),
+      "weights": synth.meta.get("weights", "raw"),
+      "ema": {"decay": float(config.train.ema_decay), "networks": config.train.ema_networks},
       "global_step": result.global_step,
       "machine": provenance.machine(), "versions": provenance.versions(),
       "paths": {

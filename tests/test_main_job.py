@@ -103,6 +103,11 @@ def test_final_losses_and_summary_table(tmp_path):
   assert "\nmachine: CPU (AMD EPYC), 2 cores (x86_64); jax 0.10.2  \n" in main_job.summary_markdown(summary)
   summary["networks"] = {"fm": {"d_model": 8, "num_layers": 2, "mlp_dim": 16, "params": 1234567, "encoder_layers": 1}}
   assert "\nnetworks: fm d8 x 2 + 1-layer token encoder (1.23M)\n" in main_job.summary_markdown(summary)
+  summary["weights"], summary["ema"] = "raw", {"decay": 0.995, "networks": "llm,fm"}
+  assert "synthesis weights" not in main_job.summary_markdown(summary)
+  summary["weights"] = "ema"
+  assert ("\nsynthesis weights: llm,fm averaged over ~200 updates (train.ema_decay=0.995)  \nnetworks: fm d8"
+          in main_job.summary_markdown(summary))
   losses["stage3"]["late/loss/fm"] = 0.5
   assert "did not fall: stage3 loss/fm" in main_job.summary_markdown(summary)
   losses["stage3"]["codes/perplexity"] = 1.0
