@@ -203,7 +203,8 @@ def base_config() -> ml_collections.ConfigDict:
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
       # Exponential moving average of the weights of `ema_networks` while they train (0 = none kept): the average
       # over the last ~1 / (1 - ema_decay) updates, bias-corrected so it never holds the initialisation. Synthesis
-      # decodes with it (`model.use_ema`). Not the tokenizer: later stages train the others on its raw codes.
+      # decodes with it (`model.use_ema`). Not the tokenizer: later stages train the others on its raw codes. Off:
+      # at 0.995 the main job reads no better with it at 800 or 2000 stage-1 steps (docs/diagnosis.md).
       "ema_decay": 0.0,
       "ema_networks": "llm,fm",
       # Warm start: a training workdir whose latest checkpoint's parameters seed the networks named in
