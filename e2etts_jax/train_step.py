@@ -70,14 +70,10 @@ def update_ema(ema: dict, params: dict, trainable, decay: float) -> dict:
 
 
 def ema_params(params: dict, ema: dict | None) -> dict:
-  """`params` with each averaged network's weights replaced by its average (networks never trained keep theirs)."""
-  if ema is None:
-    return params
-  out = dict(params)
-  for net, tree in ema["params"].items():
-    if int(ema["count"][net]) > 0:
-      out[net] = tree
-  return out
+  """`params` with each averaged network's weights replaced by its average (networks never trained keep theirs);
+  `params` itself when no network has an average."""
+  trained = {} if ema is None else {n: t for n, t in ema["params"].items() if int(ema["count"][n]) > 0}
+  return {**params, **trained} if trained else params
 
 
 def state_shardings(system: System, tx: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:

@@ -290,7 +290,7 @@ def test_weight_average_is_the_bias_corrected_ema_of_the_trained_networks(system
 
   decay = 0.8
   state, trail = run(decay)
-  plain, plain_trail = run(0.0)
+  plain, _ = run(0.0)
   assert plain.ema is None and set(state.ema["params"]) == {"llm", "fm"}
   jax.tree.map(np.testing.assert_array_equal, state.params, plain.params)
   assert int(state.ema["count"]["llm"]) == 3 and int(state.ema["count"]["fm"]) == 0
@@ -306,6 +306,8 @@ def test_weight_average_is_the_bias_corrected_ema_of_the_trained_networks(system
   assert all(not np.any(x) for x in jax.tree.leaves(state.ema["params"]["fm"]))
   merged = train_step.ema_params(state.params, state.ema)
   assert merged["fm"] is state.params["fm"] and merged["llm"] is state.ema["params"]["llm"]
+  untrained = {**state.ema, "count": {n: np.int32(0) for n in state.ema["count"]}}
+  assert train_step.ema_params(state.params, untrained) is state.params   # load_trained then says 'raw'
 
 
 def test_dropout_acts_in_training_and_only_on_trainable_networks():
