@@ -92,6 +92,10 @@ def base_config() -> ml_collections.ConfigDict:
       "max_seconds": 12.0,
       "max_frames": 640,          # mel frames a batch pads to at most (12.8 s at 50 Hz)
       "bucket_boundaries": (100, 150, 200, 280, 400, 640),  # mel frames; bounds padding waste
+      # Chance that a training row is two utterances of one speaker joined (with a token of silence between)
+      # where both fit data.max_frames and the text limits: fewer padded frames per step and new sentence
+      # pairs for the LLM. 0 = every row is one utterance.
+      "join_prob": 0.0,
       "num_workers": 0,           # grain worker processes (0 = in-process)
       "prefetch": 2,
       "shuffle_seed": 0,
@@ -407,6 +411,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   if d.max_seconds * mel_rate > d.max_frames + 1e-6:
     raise ConfigError(f"data.max_seconds={d.max_seconds} gives {d.max_seconds * mel_rate:g} frames, more than "
                       f"data.max_frames={d.max_frames}")
+  if not 0.0 <= d.join_prob <= 1.0:
+    raise ConfigError(f"data.join_prob={d.join_prob} must be in [0, 1]")
   if d.min_seconds >= d.max_seconds:
     raise ConfigError(f"data.min_seconds={d.min_seconds} must be below data.max_seconds={d.max_seconds}")
   max_tokens = d.max_frames // c.tokenizer.downsample

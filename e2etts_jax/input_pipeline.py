@@ -4,8 +4,11 @@ Design. Every epoch has a seeded *batch plan* (`BatchPlan`): record indices are 
 (`data.bucket_boundaries`), shuffled inside each bucket, cut into global batches, and the batch order is
 shuffled. Leftovers of a bucket (fewer than a batch) are carried up into the next bucket, so per epoch only
 `num_records % batch_size` records are dropped (different ones each epoch) while padding stays bounded by the
-bucket widths. The plan is a pure function of (seed, epoch), so a `grain.MapDataset` of batch positions
-(`range(batches_per_epoch).repeat(num_epochs)`) mapped to "load + pad my rows of global batch i" is
+bucket widths. With `data.join_prob` a training row may hold two utterances of one speaker, joined with a token
+of silence between (`JoinSpec`): each record still anchors one row per epoch, so the count of batches stays fixed,
+while fewer frames are padding and the LLM reads sentence pairs it never saw together. The plan is a pure function
+of (seed, epoch), so a `grain.MapDataset` of batch positions (`range(batches_per_epoch).repeat(num_epochs)`)
+mapped to "load + pad my rows of global batch i" is
 deterministic, needs no shuffle buffers, and its iterator state is a single index: checkpoints are tiny and a
 restored iterator yields exactly the batches the uninterrupted one would have.
 
@@ -35,6 +38,7 @@ seed, batch size, process count and num_workers.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -47,6 +51,7 @@ import numpy as np
 from etils import epath
 
 from e2etts_jax import config_lib, records, sharding
+from e2etts_jax import text as text_lib
 
 BATCH_KEYS = ("mel", "mel_mask", "text_ids", "text_mask", "ctc_ids", "ctc_mask", "speaker", "aux", "valid")
 ITERATOR_ITEM = "data_iter"  # suggested Composite item name for the iterator state
@@ -90,7 +95,8 @@ def dataset_info(shards_dir: str, config=None) -> Any:
 
 
 def load_index(shards_dir: str, split: str) -> dict[str, list]:
-  """Per-record ids and lengths (num_frames, num_text_tokens, num_ctc) in data-source order."""
+  """Per-record ids, lengths (num_frames, num_text_tokens, num_ctc) and `speakers` (shards prepared before that
+  field lack it) in data-source order."""
   with open(os.path.join(shards_dir, f"{split}-index.json")) as f:
     return json.load(f)
 
@@ -119,6 +125,26 @@ def aux_columns(config) -> list[int]:
 # -------------------------------------------------------------------------------------------------- plan
 
 
+@dataclasses.dataclass(frozen=True)
+class JoinSpec:
+  """Which records may share a training row (`data.join_prob`), and the limits the joined row must keep.
+
+  A joined row is the anchor record, `gap` frames of silence, then a partner of the same speaker: its mel
+  `lengths[a] + gap + lengths[p] <= max_frames`, its text `text_tokens[a] + text_tokens[p] <= max_text` and its
+  CTC labels `ctc_labels[a] + sep + ctc_labels[p] <= max_ctc`. A gap of one token's frames (`tokenizer.downsample`)
+  also keeps the joined CTC target feasible: it adds at least one CTC frame for the separator.
+  """
+  prob: float
+  speakers: np.ndarray      # [num_records] speaker index
+  text_tokens: np.ndarray   # [num_records]
+  ctc_labels: np.ndarray    # [num_records]
+  max_frames: int
+  max_text: int
+  max_ctc: int
+  gap: int
+  sep: int
+
+
 class BatchPlan:
   """The seeded grouping of record indices into global batches, per epoch.
 
@@ -129,38 +155,76 @@ class BatchPlan:
     global_batch: rows per global batch.
     bucketing: group by length bucket (True) or batch a plain permutation (False; each batch is still padded
       to the smallest boundary that fits its longest row, so both modes share the same shapes).
+    join: where given, every row is still anchored on one record (each eligible record anchors one row per
+      epoch, so the count of batches is unchanged), and with probability `join.prob` a random partner that fits
+      (`JoinSpec`) is appended to it; rows are bucketed by their joined length.
   """
 
+  _JOIN_TRIES = 4  # partner draws per anchor before it stays alone (a long anchor has few that fit)
+
   def __init__(self, lengths: np.ndarray, eligible: np.ndarray, boundaries: tuple[int, ...], global_batch: int,
-               *, seed: int, shuffle: bool = True, drop_remainder: bool = True, bucketing: bool = True):
+               *, seed: int, shuffle: bool = True, drop_remainder: bool = True, bucketing: bool = True,
+               join: JoinSpec | None = None):
     self.lengths = np.asarray(lengths, np.int64)
     self.eligible = np.asarray(eligible, np.int64)
     self.boundaries = np.asarray(boundaries, np.int64)
     self.global_batch = int(global_batch)
     self.seed, self.shuffle, self.drop_remainder, self.bucketing = int(seed), shuffle, drop_remainder, bucketing
+    self.join = join if join is not None and join.prob > 0 else None
     n, b = len(self.eligible), self.global_batch
     # The count is the same every epoch (only the final partial batch can be dropped), which lets the
     # MapDataset map a step index to (epoch, batch) with plain arithmetic.
     self.batches_per_epoch = n // b if drop_remainder else -(-n // b)
-    self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
   def __getstate__(self):
     state = self.__dict__.copy()
     state["_cache"] = {}
     return state
 
-  def _bucket_len(self, rows: np.ndarray) -> int:
-    longest = int(self.lengths[rows].max())
-    return int(self.boundaries[np.searchsorted(self.boundaries, longest, side="left")])
+  def partners(self, epoch: int) -> np.ndarray:
+    """[num_records] the partner joined after each record in `epoch` (-1 = none; all -1 without `join`).
 
-  def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows [batches_per_epoch, global_batch] record indices, -1 = padding row; frames [batches_per_epoch])."""
+    Drawn from its own generator, so the rows and their order are those of the same plan without joining."""
+    partner = np.full(len(self.lengths), -1, np.int64)
+    j = self.join
+    if j is None:
+      return partner
+    rng = np.random.default_rng([self.seed, epoch, 1])
+    anchors = self.eligible
+    joined = rng.random(len(anchors)) < j.prob
+    picks = rng.random((len(anchors), self._JOIN_TRIES))
+    by_speaker = {}  # speaker -> (its eligible records by length, their lengths)
+    for spk in np.unique(j.speakers[anchors]):
+      members = anchors[j.speakers[anchors] == spk]
+      members = members[np.argsort(self.lengths[members], kind="stable")]
+      by_speaker[spk] = (members, self.lengths[members])
+    for i in np.flatnonzero(joined):
+      a = anchors[i]
+      members, member_lengths = by_speaker[j.speakers[a]]
+      fits = int(np.searchsorted(member_lengths, j.max_frames - j.gap - self.lengths[a], side="right"))
+      for u in picks[i] if fits else ():
+        p = members[int(u * fits)]
+        if (p != a and j.text_tokens[a] + j.text_tokens[p] <= j.max_text
+            and j.ctc_labels[a] + j.sep + j.ctc_labels[p] <= j.max_ctc):
+          partner[a] = p
+          break
+    return partner
+
+  def _bucket_len(self, row_lengths: np.ndarray) -> int:
+    return int(self.boundaries[np.searchsorted(self.boundaries, int(row_lengths.max()), side="left")])
+
+  def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows [batches_per_epoch, global_batch] anchor record indices, -1 = padding row; partners, the same shape,
+    -1 = none; frames [batches_per_epoch])."""
     if epoch in self._cache:
       return self._cache[epoch]
     rng = np.random.default_rng([self.seed, epoch])
     b = self.global_batch
+    partner = self.partners(epoch)
+    row_len = self.lengths + np.where(partner >= 0, self.lengths[partner] + (self.join.gap if self.join else 0), 0)
     if self.bucketing:
-      bucket = np.searchsorted(self.boundaries, self.lengths[self.eligible], side="left")
+      bucket = np.searchsorted(self.boundaries, row_len[self.eligible], side="left")
       groups, carry = [], np.zeros([0], np.int64)
       for k in range(len(self.boundaries)):
         members = self.eligible[bucket == k]
@@ -183,17 +247,19 @@ class BatchPlan:
     frames = np.zeros([len(groups)], np.int64)
     for i, g in enumerate(groups):
       rows[i, :len(g)] = g
-      frames[i] = self._bucket_len(g)
+      frames[i] = self._bucket_len(row_len[g])
+    partners = np.where(rows >= 0, partner[rows], -1)
     if len(self._cache) >= 2:  # the pipeline only ever straddles one epoch boundary
       self._cache.pop(min(self._cache))
-    self._cache[epoch] = (rows, frames)
-    return rows, frames
+    self._cache[epoch] = (rows, partners, frames)
+    return rows, partners, frames
 
-  def batch(self, step: int) -> tuple[np.ndarray, int]:
-    """(global batch rows, frame length) at global position `step` (epoch = step // batches_per_epoch)."""
+  def batch(self, step: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(global batch rows, their partners, frame length) at global position `step` (epoch = step //
+    batches_per_epoch)."""
     epoch, i = divmod(step, self.batches_per_epoch)
-    rows, frames = self.epoch(epoch)
-    return rows[i], int(frames[i])
+    rows, partners, frames = self.epoch(epoch)
+    return rows[i], partners[i], int(frames[i])
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -203,17 +269,28 @@ class _LoadBatch(grain.transforms.MapWithIndex):
   """Step index -> this process's padded rows of that global batch (numpy dict, BATCH_KEYS)."""
 
   def __init__(self, paths: list[str], plan: BatchPlan, process_index: int, process_count: int, n_mels: int,
-               max_text: int, max_ctc: int, aux_cols: list[int]):
+               max_text: int, max_ctc: int, aux_cols: list[int], silence: float = 0.0,
+               ctc_sep: tuple[int, ...] = ()):
     self.source = grain.sources.ArrayRecordDataSource(paths)
     self.plan = plan
     self.local = plan.global_batch // process_count
     self.offset = process_index * self.local
     self.n_mels, self.max_text, self.max_ctc, self.aux_cols = n_mels, max_text, max_ctc, aux_cols
+    self.silence, self.ctc_sep = float(silence), np.asarray(ctc_sep, np.int32)
+
+  def _joined(self, rec: dict, other: dict) -> dict:
+    """`rec`, a gap of silent frames, then `other` (same speaker); aux labels that differ become unknown."""
+    gap = np.full([self.plan.join.gap, self.n_mels], self.silence, np.float32)
+    return {"mel": np.concatenate([rec["mel"], gap, other["mel"]]),
+            "text_ids": np.concatenate([rec["text_ids"], other["text_ids"]]),
+            "ctc_ids": np.concatenate([rec["ctc_ids"], self.ctc_sep, other["ctc_ids"]]),
+            "aux": np.where(rec["aux"] == other["aux"], rec["aux"], -1), "speaker": rec["speaker"]}
 
   def map_with_index(self, index: int, element: Any) -> dict[str, np.ndarray]:
     del element  # the position in the epoch is recomputed from the global index
-    rows, frames = self.plan.batch(index)
+    rows, partners, frames = self.plan.batch(index)
     mine = rows[self.offset:self.offset + self.local]
+    theirs = partners[self.offset:self.offset + self.local]
     b = self.local
     out = {
         "mel": np.zeros([b, frames, self.n_mels], np.float32), "mel_mask": np.zeros([b, frames], bool),
@@ -223,11 +300,15 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         "valid": mine >= 0,
     }
     real = np.flatnonzero(mine >= 0)
+    joined = real[theirs[real] >= 0]
     if len(real):
-      blobs = self.source.__getitems__([int(mine[r]) for r in real])
-      for r, blob in zip(real, blobs):
-        rec = records.decode(blob, fields=("mel", "text_ids", "ctc_ids", "aux"))
-        t, n, c = rec["num_frames"], len(rec["text_ids"]), len(rec["ctc_ids"])
+      blobs = self.source.__getitems__([int(mine[r]) for r in real] + [int(theirs[r]) for r in joined])
+      decoded = [records.decode(blob, fields=("mel", "text_ids", "ctc_ids", "aux")) for blob in blobs]
+      recs = dict(zip(real, decoded[:len(real)]))
+      for r, other in zip(joined, decoded[len(real):]):
+        recs[r] = self._joined(recs[r], other)
+      for r, rec in recs.items():
+        t, n, c = len(rec["mel"]), len(rec["text_ids"]), len(rec["ctc_ids"])
         out["mel"][r, :t] = rec["mel"]
         out["mel_mask"][r, :t] = True
         out["text_ids"][r, :n] = rec["text_ids"]
@@ -237,6 +318,52 @@ class _LoadBatch(grain.transforms.MapWithIndex):
         out["speaker"][r] = rec["speaker"]
         out["aux"][r] = rec["aux"][self.aux_cols]
     return out
+
+
+def _record_speakers(paths: list[str], num_records: int) -> np.ndarray:
+  """[num_records] speaker of each record, read from the records' headers (for shards whose index predates the
+  `speakers` field)."""
+  source = grain.sources.ArrayRecordDataSource(paths)
+  return np.asarray([records.decode(blob, fields=())["speaker"]
+                     for blob in source.__getitems__(list(range(num_records)))], np.int64)
+
+
+def make_plan(config, split: str, *, seed: int, shuffle: bool = True, drop_remainder: bool | None = None,
+              bucketing: bool = True, shards_dir: str | None = None) -> BatchPlan:
+  """The `BatchPlan` that `make_dataset` reads with the same arguments (see there); training rows are joined
+  (`data.join_prob`) only for the shuffled 'train' split."""
+  shards_dir = shards_dir or config.data.shards
+  drop_remainder = (split == "train") if drop_remainder is None else drop_remainder
+  d = config.data
+  info = dataset_info(shards_dir)
+  _check_compatible(config, shards_dir, info)
+  if info["counts"].get(split, 0) == 0:
+    raise ValueError(f"{shards_dir} has no {split!r} records (counts: {info['counts']})")
+  index = load_index(shards_dir, split)
+  frames = np.asarray(index["num_frames"])
+  text_tokens, ctc_labels = np.asarray(index["num_text_tokens"]), np.asarray(index["num_ctc"])
+  ok = ((frames <= d.max_frames) & (text_tokens <= config.text.max_text_tokens)
+        & (ctc_labels <= config.text.max_ctc_len))
+  if not ok.all():
+    # Only possible when the shards were prepared with looser limits than this config: say so, loudly.
+    logging.warning("%s/%s: %d of %d records exceed this config's data.max_frames / text limits and are skipped",
+                    shards_dir, split, int((~ok).sum()), len(ok))
+  boundaries = tuple(int(x) for x in d.bucket_boundaries)
+  join = None
+  if split == "train" and shuffle and d.join_prob > 0:
+    speakers = index.get("speakers")
+    speakers = (np.asarray(speakers) if speakers is not None
+                else _record_speakers(info["shards"][split], len(frames)))
+    join = JoinSpec(prob=float(d.join_prob), speakers=speakers, text_tokens=text_tokens, ctc_labels=ctc_labels,
+                    max_frames=boundaries[-1], max_text=int(config.text.max_text_tokens),
+                    max_ctc=int(config.text.max_ctc_len), gap=int(config.tokenizer.downsample),
+                    sep=len(text_lib.ctc_separator(config)))
+  plan = BatchPlan(frames, np.flatnonzero(ok), boundaries, d.batch_size, seed=seed, shuffle=shuffle,
+                   drop_remainder=drop_remainder, bucketing=bucketing, join=join)
+  if plan.batches_per_epoch == 0:
+    raise ValueError(f"{split}: {int(ok.sum())} usable records make no full batch of data.batch_size="
+                     f"{d.batch_size}")
+  return plan
 
 
 def make_dataset(config, split: str, *, seed: int, process_index: int | None = None,
@@ -260,30 +387,14 @@ def make_dataset(config, split: str, *, seed: int, process_index: int | None = N
   shards_dir = shards_dir or config.data.shards
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  drop_remainder = (split == "train") if drop_remainder is None else drop_remainder
   d = config.data
   if d.batch_size % process_count:
     raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the process count {process_count}")
-  info = dataset_info(shards_dir)
-  _check_compatible(config, shards_dir, info)
-  if info["counts"].get(split, 0) == 0:
-    raise ValueError(f"{shards_dir} has no {split!r} records (counts: {info['counts']})")
-  index = load_index(shards_dir, split)
-  frames = np.asarray(index["num_frames"])
-  ok = ((frames <= d.max_frames) & (np.asarray(index["num_text_tokens"]) <= config.text.max_text_tokens)
-        & (np.asarray(index["num_ctc"]) <= config.text.max_ctc_len))
-  if not ok.all():
-    # Only possible when the shards were prepared with looser limits than this config: say so, loudly.
-    logging.warning("%s/%s: %d of %d records exceed this config's data.max_frames / text limits and are skipped",
-                    shards_dir, split, int((~ok).sum()), len(ok))
-  boundaries = tuple(int(x) for x in d.bucket_boundaries)
-  plan = BatchPlan(frames, np.flatnonzero(ok), boundaries, d.batch_size, seed=seed, shuffle=shuffle,
-                   drop_remainder=drop_remainder, bucketing=bucketing)
-  if plan.batches_per_epoch == 0:
-    raise ValueError(f"{split}: {int(ok.sum())} usable records make no full batch of data.batch_size="
-                     f"{d.batch_size}")
-  load = _LoadBatch(info["shards"][split], plan, process_index, process_count, config.audio.n_mels,
-                    config.text.max_text_tokens, config.text.max_ctc_len, aux_columns(config))
+  plan = make_plan(config, split, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, bucketing=bucketing,
+                   shards_dir=shards_dir)
+  load = _LoadBatch(dataset_info(shards_dir)["shards"][split], plan, process_index, process_count,
+                    config.audio.n_mels, config.text.max_text_tokens, config.text.max_ctc_len, aux_columns(config),
+                    silence=float(np.log(config.audio.log_floor)), ctc_sep=text_lib.ctc_separator(config))
   ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(num_epochs).map_with_index(load)
   # Threads overlap record reads/decoding inside a process; worker processes sidestep the GIL when
   # decoding+padding is the bottleneck. Neither changes the order of batches.

@@ -23,7 +23,7 @@ with one of REJECT_REASONS and a detail, and the per-reason counts are printed a
 
 Output folder:
   {split}-{i:05d}-of-{n:05d}.array_record   records (`records.py`), sorted by id, group_size 1
-  {split}-index.json                          per-record ids and lengths in data-source order (for bucketing)
+  {split}-index.json                          per-record ids, lengths and speakers in data-source order (for bucketing)
   spm.model / spm.vocab / spm.json            sentencepiece (trained on the train transcripts unless given)
   speakers.json                               {"num_speakers": n, "speakers": {name: id}}
   info.json                                   what `input_pipeline.dataset_info` returns
@@ -675,7 +675,8 @@ def prepare(config, manifest: str, out_dir: str, *, num_workers: int | None = No
         os.remove(os.path.join(out_dir, f))
     shard_names = _write_shards(out_dir, split, recs, config.data.num_shards, cache_dir, progress) if recs else []
     index = {"ids": [r[0].id for r in rows], "num_frames": [r[2]["num_frames"] for r in rows],
-             "num_text_tokens": [len(r[4]) for r in rows], "num_ctc": [len(r[5]) for r in rows]}
+             "num_text_tokens": [len(r[4]) for r in rows], "num_ctc": [len(r[5]) for r in rows],
+             "speakers": [speakers[r[0].speaker] for r in rows]}
     with open(os.path.join(out_dir, f"{split}-index.json"), "w") as f:
       json.dump(index, f)
     files += shard_names + [f"{split}-index.json"]

@@ -279,6 +279,17 @@ def text_to_ctc(text: str, config, sp: spm.SentencePieceProcessor | None = None)
   raise ValueError(f"text.ctc_units={units!r}: choose 'char' or 'sentencepiece'")
 
 
+def ctc_separator(config) -> tuple[int, ...]:
+  """CTC labels between two joined sentences (`data.join_prob`): the space for 'char' units, none for
+  'sentencepiece' (its pieces carry their own word starts)."""
+  units = config.text.ctc_units
+  if units == "char":
+    return (_CHAR_TO_ID[" "],)
+  if units == "sentencepiece":
+    return ()
+  raise ValueError(f"text.ctc_units={units!r}: choose 'char' or 'sentencepiece'")
+
+
 def ctc_to_text(ids: Sequence[int], config, sp: spm.SentencePieceProcessor | None = None) -> str:
   """Inverse of `text_to_ctc` for label ids (blanks and padding, id 0, are skipped; no collapsing)."""
   ids = [int(i) for i in ids if int(i) > 0]

@@ -102,6 +102,7 @@ RULES = [
     ("buckets multiple", lambda c: setattr(c.data, "bucket_boundaries", (51, 100, 200)), "tokenizer.downsample"),
     ("max seconds", lambda c: setattr(c.data, "max_seconds", 10.0), "data.max_seconds"),
     ("min seconds", lambda c: setattr(c.data, "min_seconds", 5.0), "data.min_seconds"),
+    ("join", lambda c: setattr(c.data, "join_prob", 1.5), "data.join_prob=1.5 must be in"),
     ("llm max_len", lambda c: setattr(c.llm, "max_len", 100), "llm.max_len"),
     ("mode", lambda c: setattr(c.train, "mode", "joint"), "train.mode"),
     ("trainable", lambda c: setattr(c.train.stage2, "trainable", "llm,flow"), "unknown network 'flow'"),

@@ -2,6 +2,7 @@
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -9,7 +10,8 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import sine_wave
-from e2etts_jax import config_lib, input_pipeline, prepare, sharding
+from e2etts_jax import config_lib, input_pipeline, prepare, records, sharding
+from e2etts_jax import text as text_lib
 
 SR = 16000
 NUM_TRAIN = 44
@@ -106,8 +108,9 @@ def test_plan_covers_each_epoch(shards):
   assert plan.batches_per_epoch == NUM_TRAIN // 8
   seen = []
   for epoch in range(3):
-    rows, lens = plan.epoch(epoch)
+    rows, partners, lens = plan.epoch(epoch)
     assert len(np.unique(rows)) == rows.size == NUM_TRAIN // 8 * 8 and (rows >= 0).all()
+    assert (partners == -1).all()  # no joining unless asked
     for r, f in zip(rows, lens):
       assert frames[r].max() <= f
     seen.append(rows)
@@ -175,7 +178,7 @@ def test_two_processes_split_each_global_batch(shards):
   plan = input_pipeline.BatchPlan(np.asarray(index["num_frames"]), np.arange(NUM_TRAIN), (50, 100, 200), 8,
                                   seed=4)
   for step in range(7):
-    rows, _ = plan.batch(step)
+    rows, _, _ = plan.batch(step)
     assert not set(rows[:4]) & set(rows[4:]) and len(set(rows)) == 8
 
 
@@ -191,6 +194,90 @@ def test_bucketing_reduces_padding(shards):
   plain = _padding_fraction(input_pipeline.make_dataset(c, "train", seed=5, bucketing=False), n)
   print(f"padding fraction: bucketed {bucketed:.3f}, unbucketed {plain:.3f}")
   assert bucketed < plain - 0.1 and bucketed < 0.35
+
+
+def _joined_config(shards, prob=1.0):
+  c = _config(shards)
+  c.data.join_prob = prob
+  return c
+
+
+def test_join_plan_pairs_fitting_records_of_one_speaker(shards):
+  c = _joined_config(shards)
+  index = input_pipeline.load_index(str(shards), "train")
+  frames, speakers = np.asarray(index["num_frames"]), np.asarray(index["speakers"])
+  text, ctc = np.asarray(index["num_text_tokens"]), np.asarray(index["num_ctc"])
+  plan = input_pipeline.make_plan(c, "train", seed=3)
+  plain = input_pipeline.make_plan(_joined_config(shards, 0.0), "train", seed=3)
+  assert plan.batches_per_epoch == plain.batches_per_epoch == NUM_TRAIN // 8
+  gap, joined = c.tokenizer.downsample, 0
+  for epoch in range(3):
+    rows, partners, lens = plan.epoch(epoch)
+    assert len(np.unique(rows)) == rows.size and (rows >= 0).all()  # each record anchors one row at most
+    has = partners >= 0
+    joined += has.sum()
+    a, p = rows[has], partners[has]
+    assert (p != a).all() and (speakers[p] == speakers[a]).all()
+    assert (text[a] + text[p] <= c.text.max_text_tokens).all()
+    assert (ctc[a] + 1 + ctc[p] <= c.text.max_ctc_len).all()  # + the space between them
+    row_len = frames[rows] + np.where(has, gap + frames[partners], 0)
+    for r, f in zip(row_len, lens):
+      assert f == min(x for x in c.data.bucket_boundaries if x >= r.max())  # bucketed by the joined length
+    # A record left alone had no partner that fits (each anchor draws up to 4 times; probability 1 here).
+    alone = rows[~has]
+    room = c.data.max_frames - gap - frames[alone]
+    fits = [(frames[(speakers == speakers[x]) & (np.arange(len(frames)) != x)] <= r).sum() for x, r in
+            zip(alone, room)]
+    assert np.mean(np.asarray(fits) == 0) > 0.5
+  assert joined > 0.3 * 3 * rows.size
+  # Joining draws from its own generator: without it the plan is the plain one, batch for batch.
+  off = input_pipeline.make_plan(_joined_config(shards, 0.0), "train", seed=3)
+  for epoch in range(2):
+    for x, y in zip(off.epoch(epoch), plain.epoch(epoch)):
+      np.testing.assert_array_equal(x, y)
+  # Shards whose index predates the speakers field: the speakers come from the records themselves.
+  info = input_pipeline.dataset_info(str(shards))
+  np.testing.assert_array_equal(input_pipeline._record_speakers(info["shards"]["train"], len(frames)), speakers)
+
+
+def test_joined_rows_hold_both_records(shards):
+  c = _joined_config(shards)
+  plan = input_pipeline.make_plan(c, "train", seed=6)
+  source = grain.sources.ArrayRecordDataSource(input_pipeline.dataset_info(str(shards))["shards"]["train"])
+  rec = lambda i: records.decode(source[int(i)])
+  batches = _take(input_pipeline.make_dataset(c, "train", seed=6), plan.batches_per_epoch + 1)
+  _assert_same(batches, _take(input_pipeline.make_dataset(c, "train", seed=6), plan.batches_per_epoch + 1))
+  silence, checked = np.log(c.audio.log_floor), 0
+  for step, b in enumerate(batches):
+    rows, partners, frames = plan.batch(step)
+    assert b["mel"].shape[1] == frames
+    for r, (i, j) in enumerate(zip(rows, partners)):
+      x = rec(i)
+      parts = [x] if j < 0 else [x, rec(j)]
+      gap = c.tokenizer.downsample
+      mel = np.concatenate([parts[0]["mel"]] + ([np.full([gap, c.audio.n_mels], silence, np.float32), parts[1]["mel"]]
+                                                if j >= 0 else []))
+      n = int(b["mel_mask"][r].sum())
+      assert n == len(mel)
+      np.testing.assert_array_equal(b["mel"][r, :n], mel)
+      text = np.concatenate([p["text_ids"] for p in parts])
+      np.testing.assert_array_equal(b["text_ids"][r][b["text_mask"][r]], text)
+      ctc = np.concatenate([parts[0]["ctc_ids"]] + ([[text_lib.ctc_separator(c)[0]], parts[1]["ctc_ids"]]
+                                                     if j >= 0 else []))
+      np.testing.assert_array_equal(b["ctc_ids"][r][b["ctc_mask"][r]], ctc)
+      assert b["speaker"][r] == x["speaker"] == parts[-1]["speaker"]
+      rate = [p["aux"][0] for p in parts]
+      assert b["aux"][r, 0] == (rate[0] if len(set(rate)) == 1 else -1)  # a label the two disagree on: unknown
+      checked += j >= 0
+  assert checked > 0
+
+
+def test_joining_reduces_padding(shards):
+  n = 3 * (NUM_TRAIN // 8)
+  joined = _padding_fraction(input_pipeline.make_dataset(_joined_config(shards), "train", seed=5), n)
+  single = _padding_fraction(input_pipeline.make_dataset(_config(shards), "train", seed=5), n)
+  print(f"padding fraction: joined {joined:.3f}, single {single:.3f}")
+  assert joined < single - 0.05
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1), (4, 2)])
