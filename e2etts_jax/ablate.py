@@ -451,14 +451,15 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "outputs whose RM speaker embedding ranks the prompt's speaker first among the corpus speakers.", "",
            "## Runs", "",
            "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
-           "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train TFLOP | train min | date | "
-           "commit |",
+           "ceiling WER % | resynthesis mel MSE | code perplexity | TTS speaker first % | train TFLOP | train min | "
+           "date | commit |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     ceil = r["wer"].get("ceiling")
     spk = (r.get("speaker_first") or {}).get("tts")
     lines.append(
-        f"| {r.get('study') or '-'} | {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | {r['machine']} | "
+        f"| {r.get('study') or '-'} | {r['config']} | {_budget(r)} | {_stages(r)} | {r['variant']} | {r['seed']} | "
+        f"{r['machine']} | "
         f"{_num(r['ratio'].get('tts'))} | {_num(r['ratio'].get('resynthesis'))} | {_num(ceil, '{:.1f}')} | "
         f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | "
         f"{_num(None if spk is None else 100 * spk, '{:.0f}')} | "

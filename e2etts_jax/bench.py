@@ -3,10 +3,11 @@
 Every figure is a ratio measured in the same run, because absolute times on a shared machine drift:
   * the denominator of every utilisation (MFU) figure is this machine's matmul peak, measured at the start of the
     run (a large `jnp.dot` in float32 and bfloat16, median of repeats) and re-measured at the end as a drift check;
-  * per config (small by default, tiny on request; base only with an accelerator) and training stage: compile time, median joint-step
-    time after warm-up, speech tokens/s, audio-seconds/s and MFU = analytic FLOPs (`flops.step_flops`) / step time
-    / peak of the config's compute dtype, plus the step's memory from the compiled executable. The machine may be
-    shared, so the peak matmul is also re-measured around each program and `mfu_local` divides by that;
+  * per config (small by default, tiny on request; base only with an accelerator) and training stage: compile time,
+    median joint-step time after warm-up, speech tokens/s, audio-seconds/s and MFU = analytic FLOPs
+    (`flops.step_flops`) / step time / peak of the config's compute dtype, plus the step's memory from the compiled
+    executable. The machine may be shared, so the peak matmul is also re-measured around each program and
+    `mfu_local` divides by that;
   * for the configs the targets are evaluated on (small; base on accelerators), each network's step alone
     ("parts": a config copy whose stage trains only that network on its own loss; the
     tokenizer has no loss of its own, so its part trains it through the stage-1 losses of the frozen others), so
@@ -114,7 +115,8 @@ class Options:
   def quick(cls, **overrides) -> "Options":
     """tiny only, one stage and its one part (stage 3 trains only the LLM: the fewest programs to compile),
     the shortest bucket, short generations, few repeats."""
-    values = dict(configs=("tiny",), stages=("stage3",), parts_configs=("tiny",), frames="min", warmup=1, repeats=2, min_timed_s=0.0,
+    values = dict(configs=("tiny",), stages=("stage3",), parts_configs=("tiny",), frames="min", warmup=1, repeats=2,
+                  min_timed_s=0.0,
                   decode_tokens=24, reference_tokens=4, synthesis_repeats=1, pipeline_batches=3, corpus_batches=2,
                   peak_size=256, peak_repeats=3, mode="quick")
     values.update(overrides)

@@ -32,4 +32,5 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]"
   touch "$stamp"
 fi
-echo "[setup] ready: $("$VENV/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')"
+versions=$("$VENV/bin/python" -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__)')
+echo "[setup] ready: $versions"

@@ -163,7 +163,8 @@ def _row(variant, seed, tts, utt_wers, utt_mel=None, utt_missed=True):
 def test_claims_table_matches_scipy_and_reads_only_study_results(tmp_path):
   a = [1.2, 1.5, 1.1]
   b = [1.9, 2.4, 1.7]
-  mel_a, mel_b = [[1.0, 2.0, 1.5], [1.1, 2.1, 1.4], [0.9, 1.8, 1.6]], [[1.5, 2.5, 1.5], [2.0, 2.2, 1.9], [1.2, 2.4, 2.0]]
+  mel_a = [[1.0, 2.0, 1.5], [1.1, 2.1, 1.4], [0.9, 1.8, 1.6]]
+  mel_b = [[1.5, 2.5, 1.5], [2.0, 2.2, 1.9], [1.2, 2.4, 2.0]]
   rows = [_row("e2e", s, a[s], [0.1, 0.2, 0.3], mel_a[s]) for s in range(3)]
   # The third cascaded run was saved before per-utterance mel errors: its seed's sentences drop out of that
   # bootstrap (and only of that one).

@@ -54,9 +54,9 @@ def test_sharded_step_matches_single_device_params(system):
   sqrt(v), which turns reduction-order noise in a near-cancelling gradient element into a visible difference
   in that element's update, a property of the optimizer rather than of the sharding.
 
-  Tolerance 1e-4 of each tensor's update, not 1e-5: the RM's CTC loss (a log-space forward-backward over every frame) amplifies the
-  rounding differences that a different per-device batch shape brings to ~5e-5 relative in the gradients
-  (measured; the FM and LLM paths agree to ~1e-6). A sharding bug gives differences of order 1."""
+  Tolerance 1e-4 of each tensor's update, not 1e-5: the RM's CTC loss (a log-space forward-backward over every
+  frame) amplifies the rounding differences that a different per-device batch shape brings to ~5e-5 relative in the
+  gradients (measured; the FM and LLM paths agree to ~1e-6). A sharding bug gives differences of order 1."""
   batch = system.random_batch(8, 100, seed=0)
   sgd = optax.sgd(0.05)
   ref_losses, ref = _run(system, "stage1", (1, 1, 1), batch, tx=sgd)

@@ -20,10 +20,11 @@ Conditioning. Token code vectors [B, Ts, D] are projected to d_model, contextual
 transformer over the tokens (`fm.encoder_layers`, CosyVoice's token encoder) and repeated `downsample` times to the
 frame rate, plus a learned per-phase embedding (which frame of its token a frame is), so the transformer can
 interpolate inside a token. A linear head on these features is the prior: a direct estimate of the mel from the
-codes alone, trained by MSE beside the flow (Matcha-TTS's encoder loss). Frames are fused as dense([x_t, prompt]) + code features; time and speaker form the
-AdaLN-Zero condition of every block (DiT). Classifier-free guidance drops codes, speaker and prompt together:
-the unconditional input is `code_mask` all False (code features exactly zero; the code projection has a bias so
-that a valid all-zero FSQ vector is distinguishable from "no codes"), `spk` zeros and `prompt_mel` zeros.
+codes alone, trained by MSE beside the flow (Matcha-TTS's encoder loss). Frames are fused as dense([x_t, prompt]) +
+code features; time and speaker form the AdaLN-Zero condition of every block (DiT). Classifier-free guidance drops
+codes, speaker and prompt together: the unconditional input is `code_mask` all False (code features exactly zero;
+the code projection has a bias so that a valid all-zero FSQ vector is distinguishable from "no codes"), `spk` zeros
+and `prompt_mel` zeros.
 """
 from __future__ import annotations
 

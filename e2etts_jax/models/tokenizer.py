@@ -1,7 +1,8 @@
 """The speech tokenizer: log-mel -> 25 Hz single-codebook FSQ tokens (ids and straight-through code vectors).
 
   mel [B, F, n_mels] --normalise, zero padding frames--> strided conv (kernel 3*ds, stride ds, to mlp_dim)
-      -> GELU -> dense to [B, F/ds, d_model] -> bidirectional Transformer (padding-masked) -> dense to D = len(fsq_levels)
+      -> GELU -> dense to [B, F/ds, d_model] -> bidirectional Transformer (padding-masked)
+      -> dense to D = len(fsq_levels)
       -> FSQ -> codes [B, F/ds, D], indices [B, F/ds]
 
 The conv is written as a dense layer over each token's window of frames (its own ds frames plus the ds frames
@@ -45,7 +46,8 @@ class SpeechTokenizer(nn.Module):
     """mel [B, F, n_mels] float, mel_mask [B, F] bool (F divisible by tokenizer.downsample).
 
     Returns dict(codes=[B, T, D] float32 straight-through codes, indices=[B, T] int32, mask=[B, T] bool,
-    latent=[B, T, D] float32 FSQ inputs for the code-usage term) with T = F // downsample. Outputs at invalid tokens are computed but meaningless; use `mask`.
+    latent=[B, T, D] float32 FSQ inputs for the code-usage term) with T = F // downsample. Outputs at invalid
+    tokens are computed but meaningless; use `mask`.
     """
     cfg = self.config.tokenizer
     ds = int(cfg.downsample)
