@@ -8,9 +8,9 @@ bucket widths. With `data.join_prob` a training row may hold two utterances of o
 of silence between (`JoinSpec`): each record still anchors one row per epoch, so the count of batches stays fixed,
 while fewer frames are padding and the LLM reads sentence pairs it never saw together. The plan is a pure function
 of (seed, epoch), so a `grain.MapDataset` of batch positions (`range(batches_per_epoch).repeat(num_epochs)`)
-mapped to "load + pad my rows of global batch i" is
-deterministic, needs no shuffle buffers, and its iterator state is a single index: checkpoints are tiny and a
-restored iterator yields exactly the batches the uninterrupted one would have.
+mapped to "load + pad my rows of global batch i" is deterministic, needs no shuffle buffers, and its iterator
+state is a single index: checkpoints are tiny and a restored iterator yields exactly the batches the
+uninterrupted one would have.
 
 Multi-host: every process computes the same plan and takes rows [p * B/P, (p+1) * B/P) of every global batch,
 so all processes step in lockstep with identical shapes (the frame length F of a batch comes from the index,
@@ -269,8 +269,7 @@ class _LoadBatch(grain.transforms.MapWithIndex):
   """Step index -> this process's padded rows of that global batch (numpy dict, BATCH_KEYS)."""
 
   def __init__(self, paths: list[str], plan: BatchPlan, process_index: int, process_count: int, n_mels: int,
-               max_text: int, max_ctc: int, aux_cols: list[int], silence: float = 0.0,
-               ctc_sep: tuple[int, ...] = ()):
+               max_text: int, max_ctc: int, aux_cols: list[int], *, silence: float, ctc_sep: tuple[int, ...]):
     self.source = grain.sources.ArrayRecordDataSource(paths)
     self.plan = plan
     self.local = plan.global_batch // process_count
