@@ -6,8 +6,9 @@ Stage 1 (joint): the tokenizer's straight-through codes feed the LLM (next-token
   network on detached codes).
 Stage 2 (refine): same terms over frozen tokens; networks are disjoint, so the sum trains each on its own loss.
 Stage 3 (E2E): the LLM's teacher-forced speech logits -> Gumbel-softmax (straight-through) -> token one-hots ->
-  code vectors that feed the frozen FM (reconstruct the target mel) and the frozen RM (CTC on the input text,
-  speaker), beside next-token loss. Frozen networks see `stop_gradient` params, so no gradient reaches them.
+  code vectors that feed the FM (reconstruct the target mel) and the RM (CTC on the input text, speaker), beside
+  next-token loss. Frozen networks see `stop_gradient` params, so no gradient reaches them; the E2E terms see the FM
+  and RM detached even where the stage trains them on their own losses (`train.stage3.trainable=llm,fm`).
 The cascaded baseline is the same function with other weights/trainable sets (see config_lib.make_cascaded).
 """
 from __future__ import annotations
@@ -149,16 +150,20 @@ def loss_fn(params: dict, batch: dict, rng: jax.Array, *, system: System, stage:
       e2e_codes = e2e_codes * tmask[..., None]
       agree = (jnp.argmax(onehots, -1) == indices) & tmask
       metrics["e2e/token_agreement"] = jnp.sum(agree) / jnp.maximum(jnp.sum(tmask), 1)
+      # The FM and RM judge the LLM's tokens: detached, and without dropout, even in a stage that trains them on
+      # their own losses. A judge that learned from the LLM's samples would teach itself to accept them.
+      judge = {n: jax.lax.stop_gradient(p[n]) for n in ("fm", "rm")}
       if w["e2e_fm"]:
         # No CFG dropout here: a dropped row would carry no gradient to the LLM.
         e2e_fm_cfg = ml_collections.ConfigDict(config.fm.to_dict())
         e2e_fm_cfg.cfg_drop = 0.0
-        e2e_fm, _ = flow_matching.fm_loss(fm_apply, rng_e2e_fm, batch["mel"], batch["mel_mask"], e2e_codes, tmask,
+        fm_judge = lambda *a: system.fm.apply({"params": judge["fm"]}, *a)
+        e2e_fm, _ = flow_matching.fm_loss(fm_judge, rng_e2e_fm, batch["mel"], batch["mel_mask"], e2e_codes, tmask,
                                           spk, e2e_fm_cfg)
         total += w["e2e_fm"] * e2e_fm
         metrics["loss/e2e_fm"] = e2e_fm
       if w["e2e_asr"] or w["e2e_spk"]:
-        terms = reward.rm_loss_terms(rm_apply(e2e_codes, tmask), *labels)
+        terms = reward.rm_loss_terms(system.rm.apply({"params": judge["rm"]}, e2e_codes, tmask), *labels)
         total += w["e2e_asr"] * terms["asr"] + w["e2e_spk"] * terms["spk"]
         metrics["loss/e2e_asr"], metrics["loss/e2e_spk"] = terms["asr"], terms["spk"]
 

@@ -128,17 +128,29 @@ def _jacobian_norms(system, stage, terms, params, batch):
           for i, t in enumerate(terms)}
 
 
-def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system):
+@pytest.mark.parametrize("trainable", ["llm", "llm,fm,rm"])
+def test_stage3_llm_gets_gradient_through_fm_and_rm_paths(system, trainable):
+  """The E2E terms train the LLM alone, also where stage 3 trains the FM and RM on their own losses: then those
+  terms' gradients reach the FM and RM, and the E2E terms' do not."""
   c = system.config
   params = _trained_like_params(system, jax.random.key(0))
   batch = system.random_batch(4, 100, seed=1)
+  c.train.stage3.trainable = trainable
   c.train.stage3.weights.update({k: 0.0 for k in c.train.stage3.weights})
   c.train.stage3.weights.update({k: 1.0 for k in objectives.E2E_TERMS})
-  norms = _jacobian_norms(system, "stage3", objectives.E2E_TERMS, params, batch)
-  for path, g in norms.items():
+  own = ()
+  if trainable != "llm":
+    c.train.stage3.weights.update(fm=1.0, rm=1.0)
+    own = ("fm", "rm")
+  norms = _jacobian_norms(system, "stage3", objectives.E2E_TERMS + own, params, batch)
+  for path in objectives.E2E_TERMS:
+    g = norms[path]
     assert g["llm"] > 0, path
     for frozen in ("tokenizer", "fm", "rm"):
       assert g[frozen] == 0, (path, frozen)
+  for net in own:
+    assert norms[net][net] > 0, net
+    assert norms[net]["llm"] == norms[net]["tokenizer"] == 0, net
 
 
 def test_llm_alignment_term_trains_the_llm_alone(system):
