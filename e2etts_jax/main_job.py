@@ -204,7 +204,8 @@ def speaker_ranking(embed: Callable[[str], np.ndarray], items: list, wav_dirs: M
 
 
 def final_losses(workdir: str) -> dict[str, dict[str, float]]:
-  """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage, plus
+  """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage ('step_s',
+  and 'speech_share': the mean over its logged steps of the share of padded mel frames that hold speech), plus
   'early/<loss>' and 'late/<loss>': the held-out values (trainer._HeldOut: fixed batches and draws) at the stage's
   start and end where the run has them ('trend': 1.0), else the mean of each loss term over the first and the last
   third of the stage's logged training steps ('trend': 0.0; single-batch values are noisy, the FM's most: its flow
@@ -242,6 +243,9 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
     sps = [r["steps_per_s"] for r in stage_rows if r.get("steps_per_s")]
     if sps:
       keep["step_s"] = 1.0 / (sum(sps) / len(sps))
+    shares = [r["data/speech_share"] for r in stage_rows if "data/speech_share" in r]
+    if shares:
+      keep["speech_share"] = sum(shares) / len(shares)
     keep["step"] = last["step"]
     out[stage] = keep
   return out
@@ -288,8 +292,8 @@ def summary_markdown(summary: Mapping) -> str:
   lines += ["", "Losses: " + ("held-out, at each stage's start -> end (fixed test batches and random draws)." if held
                               else "mean over the first -> the last third of each stage's logged training steps."),
             "",
-            "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step |",
-            "|---|---|" + "---|" * (len(summary["loss_keys"]) + 2)]
+            "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step | speech share |",
+            "|---|---|" + "---|" * (len(summary["loss_keys"]) + 3)]
   rose = []
   for stage, vals in summary["final_losses"].items():
     cells = []
@@ -299,7 +303,8 @@ def summary_markdown(summary: Mapping) -> str:
       if first is not None and last is not None and last >= first:
         rose.append(f"{stage} {k}")
     lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
-                 + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} |")
+                 + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} | "
+                 + (f"{100 * vals['speech_share']:.0f}% |" if "speech_share" in vals else "- |"))
   lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
   gains = [f"{stage} {v['early/llm/text_gain']:.3f} -> {v['late/llm/text_gain']:.3f}"
            for stage, v in summary["final_losses"].items() if "late/llm/text_gain" in v]

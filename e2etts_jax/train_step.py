@@ -130,6 +130,8 @@ def make_train_step(system: System, tx: optax.GradientTransformation, stage: str
         total_bad_steps=state.total_bad_steps + (~ok).astype(jnp.int32))
     metrics.update({f"grad_norm/{n}": norms[n] for n in trainable})
     metrics["skipped"] = (~ok).astype(jnp.float32)
+    # The share of the batch's padded mel frames that hold speech: what padding (buckets, joined rows) costs.
+    metrics["data/speech_share"] = jnp.mean(batch["mel_mask"].astype(jnp.float32))
     metrics["bad_steps"] = new_state.bad_steps   # a separate output: the state itself is donated next step
     return new_state, metrics
 

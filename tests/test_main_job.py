@@ -1,6 +1,8 @@
 """The main job's own logic: budget defaults vs command-line overrides, item choice, losses and the summary."""
 import json
 
+import pytest
+
 from e2etts_jax import config_lib, main_job
 from e2etts_jax.evaluation.metalist import EvalItem
 
@@ -76,7 +78,8 @@ def test_final_losses_and_summary_table(tmp_path):
   c.train.stage1.steps, c.train.stage2.steps, c.train.stage3.steps = 4, 2, 2
   (tmp_path / "config.json").write_text(c.to_json())
   rows = [{"step": s, "split": "train", "loss/total": 10.0 - s, "loss/fm": 1.0 / s, "codes/perplexity": 3.0 + s,
-           **({"steps_per_s": 2.0} if s > 1 else {})} for s in range(1, 9)]
+           **({"steps_per_s": 2.0} if s > 1 else {}), **({"data/speech_share": s / 10} if s < 7 else {})}
+          for s in range(1, 9)]
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   losses = main_job.final_losses(str(tmp_path))
   assert losses["stage1"]["loss/total"] == 6.0 and losses["stage1"]["step"] == 4
@@ -84,6 +87,8 @@ def test_final_losses_and_summary_table(tmp_path):
   assert losses["stage1"]["early/loss/total"] == 9.0 and losses["stage1"]["late/loss/total"] == 6.0
   assert losses["stage2"]["early/loss/fm"] == 1.0 / 5 and losses["stage2"]["late/loss/fm"] == 1.0 / 6
   assert losses["stage2"]["codes/perplexity"] == 9.0 and losses["stage3"]["step_s"] == 0.5
+  # The speech share: the mean over the stage's rows that have it (stage 3 logs none).
+  assert losses["stage2"]["speech_share"] == pytest.approx(0.55) and "speech_share" not in losses["stage3"]
   ev = {"wer": 40.0, "wer_ci": [30.0, 50.0], "sim": 0.8, "rtf": 0.5, "scored": 3, "failed": 0}
   summary = {
       "workdir": str(tmp_path), "config_name": "tiny", "steps": {"stage1": 4}, "eval_items": 3,
@@ -94,7 +99,8 @@ def test_final_losses_and_summary_table(tmp_path):
   md = main_job.summary_markdown(summary)
   assert "| tts | 40.00 [30.00, 50.00] | 4.00 |" in md
   assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
-  assert "| stage2 | 6 | 5.000 -> 4.000 | 0.200 -> 0.167 |" in md and "code-usage perplexity" in md
+  assert "| stage2 | 6 | 5.000 -> 4.000 | 0.200 -> 0.167 | 9.0 | 0.50 | 55% |" in md and "code-usage perplexity" in md
+  assert "| stage3 | 8 | 3.000 -> 2.000 | 0.143 -> 0.125 | 11.0 | 0.50 | - |" in md
   assert "every loss term fell within its stage" in md
   summary["speaker_ranking"] = {"speakers": 4, "tts": {"top1": 0.5, "n": 2}, "ceiling": {"top1": 1.0, "n": 2}}
   assert ("first of 4; chance 25%): tts 50% of 2, ceiling 100% of 2"

@@ -30,7 +30,7 @@ def _run(system, stage, mesh_shape, batch, steps=2, tx=None):
   for _ in range(steps):
     state, m = step(state, batch, jax.random.key(1))
     losses.append(float(m["loss/total"]))
-  return losses, jax.device_get(state.params)
+  return losses, jax.device_get(state.params), jax.device_get(m)
 
 
 # Every mesh axis is exercised by one of the two tests below, and all three together by both; each mesh costs a
@@ -43,10 +43,14 @@ def test_sharded_step_matches_single_device_losses(system):
   """The real optimizer (AdamW): the loss trajectory over 3 steps is the same on every mesh."""
   system.config.train.stage1.warmup_steps = 1
   batch = system.random_batch(8, 100, seed=0)
-  ref, _ = _run(system, "stage1", (1, 1, 1), batch, steps=3)
+  ref, _, _ = _run(system, "stage1", (1, 1, 1), batch, steps=3)
+  # The speech share is the global batch's: the same on every mesh, where each device holds a slice of the rows.
+  share = float(np.mean(np.asarray(batch["mel_mask"], np.float32)))
+  assert 0.5 < share < 1.0   # random_batch's rows are ragged
   for shape in LOSS_MESHES:
-    losses, _ = _run(system, "stage1", shape, batch, steps=3)
+    losses, _, metrics = _run(system, "stage1", shape, batch, steps=3)
     np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=str(shape))
+    assert float(metrics["data/speech_share"]) == pytest.approx(share, rel=1e-6), shape
 
 
 def test_sharded_step_matches_single_device_params(system):
@@ -59,13 +63,13 @@ def test_sharded_step_matches_single_device_params(system):
   gradients (measured; the FM and LLM paths agree to ~1e-6). A sharding bug gives differences of order 1."""
   batch = system.random_batch(8, 100, seed=0)
   sgd = optax.sgd(0.05)
-  ref_losses, ref = _run(system, "stage1", (1, 1, 1), batch, tx=sgd)
+  ref_losses, ref, _ = _run(system, "stage1", (1, 1, 1), batch, tx=sgd)
   init = jax.device_get(train_step.create_train_state(system, sgd, sharding.make_mesh(
       system.config.mesh, jax.devices()[:1]), jax.random.key(0))[0].params)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(init)))
   assert moved > 1e-3   # the steps really changed the parameters
   for shape in PARAM_MESHES:
-    losses, params = _run(system, "stage1", shape, batch, tx=sgd)
+    losses, params, _ = _run(system, "stage1", shape, batch, tx=sgd)
     # Step 1's loss is computed before any update (exact up to reduction order); step 2's follows the
     # parameters, which may differ by the tolerance below, so it gets the same 1e-4 (measured 2.2e-5 on (2,2,2)).
     np.testing.assert_allclose(losses[0], ref_losses[0], rtol=1e-5, err_msg=str(shape))
