@@ -264,6 +264,8 @@ def summary_markdown(summary: Mapping) -> str:
   lines = ["# Main job summary", "", f"workdir: `{summary['workdir']}`  ", f"config: {summary['config_name']} "
            f"(steps {summary['steps']}), corpus {summary['corpus']['utterances']} utterances "
            f"({summary['corpus']['hours']:.2f} h), test items scored: {summary.get('eval_items')}  "]
+  if summary.get("overrides"):
+    lines += ["overrides: " + ", ".join(f"{k}={v}" for k, v in summary["overrides"].items()) + "  "]
   if summary.get("machine"):
     # Ceilings and trajectories move between CPU generations and installs, so the summary says which it had.
     packages = ", ".join(f"{k} {v}" for k, v in (summary.get("versions") or {}).items() if v)
@@ -364,8 +366,11 @@ def _eval_summary(results: Mapping) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num_utterances: int,
         eval_items: int = 20, corpus_seed: int = 0, test_fraction: float = 0.1, eval_seed: int = 0,
-        workers: Optional[int] = None, progress: bool = True) -> dict:
-  """Runs every phase (see the module docstring) and returns the summary dict (also written to the workdir)."""
+        workers: Optional[int] = None, progress: bool = True, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+  """Runs every phase (see the module docstring) and returns the summary dict (also written to the workdir).
+
+  overrides: the {key: value} config overrides the run was given (the command line's --config.*), recorded in the
+  summary so that it names its recipe (config.json holds the whole config)."""
   from e2etts_jax import config_lib, corpus, perf, prepare, trainer
   import jax
   perf.enable_compilation_cache()
@@ -445,6 +450,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
                      key=lambda k: (k != "loss/total", k))
   summary = {
       "workdir": workdir, "config_name": config.name, "mode": config.train.mode,
+      "overrides": dict(overrides or {}),
       "steps": {s: int(config.train[s].steps) for s in config_lib.STAGES},
       "corpus": corpus_stats, "shards": {"counts": prep.get("counts"), "rejected": prep.get("rejected")},
       "eval_items": len(items),
@@ -500,13 +506,14 @@ def main(argv) -> None:
     # Checkpointing logs every file at INFO; the job's own progress is printed.
     absl_logging.set_verbosity(absl_logging.WARNING)
   config = _CONFIG.value
-  overridden = set(config_flags.get_override_values(FLAGS["config"]))
+  given = config_flags.get_override_values(FLAGS["config"])
+  overridden = set(given)
   applied = apply_defaults(config, overridden) if FLAGS.budget_defaults else {}
   if applied:
     _say("quickstart budget defaults: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
   run(config, FLAGS.workdir, corpus_dir=FLAGS.corpus_dir, num_utterances=FLAGS.num_utterances,
       eval_items=FLAGS.eval_items, corpus_seed=FLAGS.corpus_seed, test_fraction=FLAGS.test_fraction,
-      eval_seed=FLAGS.eval_seed, workers=FLAGS.workers)
+      eval_seed=FLAGS.eval_seed, workers=FLAGS.workers, overrides=given)
 
 
 def _define_flags():

@@ -97,6 +97,10 @@ def test_final_losses_and_summary_table(tmp_path):
       "final_losses": losses, "loss_keys": ["loss/total", "loss/fm"], "tts_code_perplexity": 5.0,
       "codebook_size": 27, "phases": {"train": 1.0}, "total_seconds": 2.0, "paths": {"x": "/y"}}
   md = main_job.summary_markdown(summary)
+  assert "overrides" not in md
+  summary["overrides"] = {"train.stage3.trainable": "llm,fm", "data.join_prob": 0.5}
+  md = main_job.summary_markdown(summary)
+  assert "overrides: train.stage3.trainable=llm,fm, data.join_prob=0.5  \n" in md
   assert "| tts | 40.00 [30.00, 50.00] | 4.00 |" in md
   assert "| resynthesis | 20.00 [30.00, 50.00] | 2.00 |" in md
   assert "| stage2 | 6 | 5.000 -> 4.000 | 0.200 -> 0.167 | 9.0 | 0.50 | 55% |" in md and "code-usage perplexity" in md
