@@ -59,10 +59,11 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
     total += fwd["fm"] * mult("fm", tok_through)
   if w["llm"] or w["llm_align"] or e2e:
     total += fwd["llm"] * mult("llm", tok_through)
+  # The E2E terms' FM and RM are detached judges whatever the stage trains: gradients pass through, none to weights.
   if w["e2e_fm"]:
-    total += fwd["fm"] * mult("fm", True)
+    total += fwd["fm"] * 2.0
   if w["e2e_asr"] or w["e2e_spk"]:
-    total += fwd["rm"] * mult("rm", True)
+    total += fwd["rm"] * 2.0
   return total
 
 

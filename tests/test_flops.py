@@ -38,3 +38,17 @@ def test_a_speaker_term_detached_from_the_codes_costs_a_second_rm_encoder_pass()
   assert flops.step_flops(c, info, 4, 100, "stage1") - joint == 3 * encoder
   c.train.stage1.token_grads = "llm,fm"          # neither RM term shapes the codes: one pass, as before
   assert flops.step_flops(c, info, 4, 100, "stage1") == joint
+
+
+def test_stage3_training_the_fm_adds_its_own_loss_and_not_a_trained_judge():
+  """With the FM trainable in stage 3 its own loss costs a trained forward (3x); the E2E terms' pass through it
+  stays a judge's (2x: gradients to its input only), as loss_fn detaches it."""
+  from e2etts_jax import config_lib
+  from e2etts_jax.system import DataInfo
+  c = config_lib.get_config("tiny")
+  info = DataInfo.for_config(c)
+  fwd = flops.network_forward_flops(c, info, 4, 100)
+  llm_only = flops.step_flops(c, info, 4, 100, "stage3")
+  c.train.stage3.update(trainable="llm,fm")
+  c.train.stage3.weights.fm = 1.0
+  assert flops.step_flops(c, info, 4, 100, "stage3") - llm_only == 3 * fwd["fm"]
