@@ -93,8 +93,10 @@ COLLAPSE_PERPLEXITY = 2.0
 def apply_defaults(config: ml_collections.ConfigDict, overridden: Mapping[str, Any] | set,
                    defaults: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
   """Sets each default (QUICKSTART_DEFAULTS of the config's size unless given) whose key was not overridden
-  on the command line; returns {key: value} of those it set. Each stage's warmup, unless overridden, then
-  follows its final step count (a tenth, as config_lib's stages), so any --config...steps stays valid."""
+  on the command line; returns {key: value} of those it set. In the cascaded mode the stage-3 steps the defaults
+  give go to stage 2, as config_lib.make_cascaded does with the config's own, so the cascade gets the same step
+  budget and no stage 3. Each stage's warmup, unless overridden, then follows its final step count (a tenth, as
+  config_lib's stages), so any --config...steps stays valid."""
   if defaults is None:
     defaults = QUICKSTART_DEFAULTS.get(config.name, {})
   applied = {}
@@ -107,6 +109,10 @@ def apply_defaults(config: ml_collections.ConfigDict, overridden: Mapping[str, A
       target = target[p]
     target[path[-1]] = value
     applied[key] = value
+  if config.train.mode == "cascaded" and "train.stage3.steps" in applied:
+    config.train.stage2.steps = int(config.train.stage2.steps) + int(config.train.stage3.steps)
+    config.train.stage3.steps = 0
+    applied["train.stage2.steps"], applied["train.stage3.steps"] = config.train.stage2.steps, 0
   if applied:
     for stage in ("stage1", "stage2", "stage3"):
       key = f"train.{stage}.warmup_steps"

@@ -31,6 +31,13 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   assert full.train.stage3.weights.to_dict() == {**small.train.stage3.weights.to_dict(), "llm": 3.0}
   wide = config_lib.get_config("small")
   assert "llm.d_model" not in main_job.apply_defaults(wide, {"llm.d_model"}) and wide.llm.d_model == 192
+  # The cascade gets the same steps with stage 3's in stage 2 (config_lib.make_cascaded), not an E2E stage 3.
+  cascaded = config_lib.get_config("small", "cascaded")
+  main_job.apply_defaults(cascaded, set())
+  steps = [full.train[s].steps for s in config_lib.STAGES]
+  assert [cascaded.train[s].steps for s in config_lib.STAGES] == [steps[0], steps[1] + steps[2], 0]
+  assert cascaded.train.stage2.warmup_steps == (steps[1] + steps[2]) // 10
+  config_lib.validate(cascaded, 1)
   # Sizes without budget values are left alone.
   tiny = config_lib.get_config("tiny")
   assert main_job.apply_defaults(tiny, set()) == {}
