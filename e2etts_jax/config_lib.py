@@ -304,7 +304,13 @@ def make_cascaded(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.stage1.weights.update({k: 0.0 for k in LOSS_TERMS})
   c.train.stage1.weights.rm = 1.0
   c.train.stage1.weights.usage = c_usage  # the same anti-collapse term: a fair tokenizer comparison
-  c.train.stage2.steps = c.train.stage2.steps + c.train.stage3.steps
+  return cascade_stage3_steps(c)
+
+
+def cascade_stage3_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The cascade's step budget: the steps E2E spends in stage 3 go to stage 2 (make_cascaded, and budget defaults
+  set on a cascaded config afterwards)."""
+  c.train.stage2.steps = int(c.train.stage2.steps) + int(c.train.stage3.steps)
   c.train.stage3.steps = 0
   return c
 

@@ -110,8 +110,7 @@ def apply_defaults(config: ml_collections.ConfigDict, overridden: Mapping[str, A
     target[path[-1]] = value
     applied[key] = value
   if config.train.mode == "cascaded" and "train.stage3.steps" in applied:
-    config.train.stage2.steps = int(config.train.stage2.steps) + int(config.train.stage3.steps)
-    config.train.stage3.steps = 0
+    config_lib.cascade_stage3_steps(config)
     applied["train.stage2.steps"], applied["train.stage3.steps"] = config.train.stage2.steps, 0
   if applied:
     for stage in ("stage1", "stage2", "stage3"):
