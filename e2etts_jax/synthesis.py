@@ -270,6 +270,7 @@ class Synthesizer:
     steps, guidance = int(self.config.fm.ode_steps), float(self.config.fm.guidance)
     sigma_min, temperature = float(self.config.fm.sigma_min), float(self.config.fm.temperature)
     start_t = float(self.config.fm.start_t)
+    silence = math.log(float(self.config.audio.log_floor))
 
     def tokenize(p, mel, mel_mask):
       out = s.tokenizer.apply({"params": p}, mel, mel_mask)
@@ -283,7 +284,7 @@ class Synthesizer:
       codes = fsq.indices_to_codes(indices) * code_mask[..., None]
       return flow_matching.sample(apply_fn, rng, codes, code_mask, prompt_mel, prompt_mask, spk, mel_mask,
                                   steps=steps, guidance=guidance, sigma_min=sigma_min, temperature=temperature,
-                                  start_t=start_t)
+                                  start_t=start_t, silence=silence)
 
     def prior(p, indices, code_mask, mel_mask):
       codes = fsq.indices_to_codes(indices) * code_mask[..., None]

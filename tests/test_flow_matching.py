@@ -75,6 +75,9 @@ def test_sampler_lands_on_target_of_straight_field(tiny_config):
     np.testing.assert_allclose(out[free], np.asarray(mel)[free], atol=2e-4)
     np.testing.assert_array_equal(out[pm], np.asarray(prompt_mel)[pm])
     assert np.all(out[~valid] == fm.MEL_SILENCE)
+  out = fm.sample(_net(field), jax.random.key(3), codes, code_mask, prompt_mel, prompt_mask, spk, mel_mask, steps=3,
+                  guidance=0.0, sigma_min=sigma, silence=-7.25)   # another config's log floor
+  assert np.all(np.asarray(out)[~valid] == np.float32(-7.25))
 
 
 def test_sampler_uses_cosine_grid_with_exact_euler_error(tiny_config):

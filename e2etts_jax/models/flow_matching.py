@@ -46,7 +46,8 @@ VelocityFn = Callable[[Array, Array, Array, Array, Array, Array, Array], Array]
 
 MEL_MEAN = -5.0
 MEL_STD = 3.3
-# Real log-mel of silence (log of audio.log_floor = 1e-5); what `sample` writes into padded frames.
+# Real log-mel of silence at the default audio.log_floor (1e-5): what `sample` writes into padded frames unless the
+# caller passes its own config's floor as `silence`.
 MEL_SILENCE = math.log(1e-5)
 # Flow time is scaled before the sinusoidal features so that [0, 1] spans many periods (as DiT's 0..1000 steps).
 _TIME_SCALE = 1000.0
@@ -241,7 +242,8 @@ def prior_mel(apply_fn: VelocityFn, codes: Array, code_mask: Array, mel_mask: Ar
 
 def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, prompt_mel: Array,
            prompt_mask: Array, spk: Array, mel_mask: Array, *, steps: int, guidance: float,
-           sigma_min: float = 1e-6, temperature: float = 1.0, start_t: float = 0.0) -> Array:
+           sigma_min: float = 1e-6, temperature: float = 1.0, start_t: float = 0.0,
+           silence: float = MEL_SILENCE) -> Array:
   """Generates log-mel by a guided Euler ODE solve on the cosine grid (jit-friendly: one lax.fori_loop).
 
   Args:
@@ -260,8 +262,9 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
       (1 - (1 - sigma_min) start_t) x0 + start_t prior (DiffSinger's shallow diffusion), and the `steps` Euler
       steps cover [start_t, 1] on the cosine grid rescaled to it: the solve skips the noise end, where the
       velocity is hardest to predict, and starts from what the codes say of the mel.
+    silence: real log-mel written into padded frames (log of the audio config's log_floor).
   Returns:
-    [B, F, M] real log-mel: prompt frames equal `prompt_mel`, padded frames are MEL_SILENCE.
+    [B, F, M] real log-mel: prompt frames equal `prompt_mel`, padded frames are `silence`.
   """
   b, f = mel_mask.shape
   m = prompt_mel.shape[-1]
@@ -303,4 +306,4 @@ def sample(apply_fn: VelocityFn, rng: Array, codes: Array, code_mask: Array, pro
   x = jax.lax.fori_loop(0, steps, step, x_start) - sigma_min * x0
   mel = denormalize_mel(x)
   mel = jnp.where(prompt_mask[..., None], prompt_mel.astype(jnp.float32), mel)
-  return jnp.where(mel_mask[..., None], mel, MEL_SILENCE)
+  return jnp.where(mel_mask[..., None], mel, jnp.float32(silence))
