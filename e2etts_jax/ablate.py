@@ -245,9 +245,13 @@ def speaker_first(summary: Mapping) -> dict:
 
 
 def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[str], seeds: Sequence[int], *,
-              corpus_dir: str, num_utterances: int, eval_items: int, overrides: Sequence[str] = (),
-              progress: bool = True) -> list[str]:
-  """Trains and scores every (variant, seed) not done yet; returns the results.json paths of all of them."""
+              corpus_dir: str, num_utterances: int, eval_items: int,
+              overrides: Optional[Mapping[str, object]] = None, progress: bool = True) -> list[str]:
+  """Trains and scores every (variant, seed) not done yet; returns the results.json paths of all of them.
+
+  overrides: the {key: value} config overrides the study was given (already applied to `config`): recorded in each
+  run's summary (main_job) and, as sorted 'key=value' strings, in its results.json.
+  """
   from e2etts_jax import flops, main_job
   for v in variants:
     if v not in VARIANTS:
@@ -269,9 +273,10 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       print(f"[ablate] {v} seed {seed} -> {workdir}", flush=True)
       c = variant_config(config, v, seed)
       summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
-                             eval_items=eval_items, eval_seed=seed, progress=progress)
+                             eval_items=eval_items, eval_seed=seed, progress=progress, overrides=overrides)
       summary["batch_size"] = int(c.data.batch_size)
-      res = run_results(summary, workdir, variant=v, seed=seed, overrides=overrides, commit=commit,
+      res = run_results(summary, workdir, variant=v, seed=seed, commit=commit,
+                        overrides=[f"{k}={val}" for k, val in sorted((overrides or {}).items())],
                         study_steps=study_steps, train_flops=flops.train_flops(c))
       _write_json(path, res)
   return paths

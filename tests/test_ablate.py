@@ -100,22 +100,26 @@ def _summary(workdir, tts, resyn, ceiling, utts, steps=None):
 
 def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch):
   from e2etts_jax import main_job
-  calls = []
+  calls, given = [], []
   wers = {"e2e": 40.0, "cascaded": 60.0, "cascaded_equal_flops": 50.0}
 
   def fake_run(config, workdir, **kw):
     calls.append((config.train.mode, config.seed, kw["eval_seed"], os.path.basename(os.path.dirname(workdir))))
+    given.append(kw["overrides"])
     return _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
                     ["a", "b", "c"], steps={s: int(config.train[s].steps) for s in config_lib.STAGES})
 
   monkeypatch.setattr(main_job, "run", fake_run)
   c = config_lib.get_config("tiny")
+  overrides = {"train.stage2.steps": 1, "fm.ode_steps": 4}   # as the command line gave them (applied already)
   paths = ablate.run_study(c, str(tmp_path), ["e2e", "cascaded"], [0, 1], corpus_dir="x", num_utterances=10,
-                           eval_items=3, progress=False)
+                           eval_items=3, progress=False, overrides=overrides)
   assert [(m, s, e, v) for m, s, e, v in calls] == [("e2e", 0, 0, "e2e"), ("cascaded", 0, 0, "cascaded"),
                                                   ("e2e", 1, 1, "e2e"), ("cascaded", 1, 1, "cascaded")]
   r = json.load(open(paths[2]))
   assert (r["variant"], r["seed"]) == ("e2e", 1)
+  assert given == [overrides] * 4   # each run's summary records them
+  assert r["overrides"] == ["fm.ode_steps=4", "train.stage2.steps=1"]
   np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}

@@ -56,7 +56,7 @@ def main(argv):
       raise app.UsageError(f"bad config: {e}")
     ablate.run_study(config, _OUT.value, _VARIANTS.value, seeds, corpus_dir=_CORPUS.value,
                      num_utterances=_NUM_UTTS.value, eval_items=_EVAL_ITEMS.value,
-                     overrides=[f"{k}={v}" for k, v in sorted(overrides.items())])
+                     overrides=overrides)
   if _BACKFILL.value:
     _backfill(ablate, _OUT.value)
   text = ablate.write_report([_OUT.value, *_EXTRA.value], _MD.value)
