@@ -231,10 +231,12 @@ def _seed_paired(root: str, studies: dict, base: dict, variant: str, n_resamples
                  and base[s]["variants"].get(variant, {}).get("wer") is not None)
   if len(seeds) < 2:
     return "-"
-  ua, ub = [], []
+  ua, ub, utt_seeds = [], [], 0
   for s in seeds:
     a, b = (_utterance_wers(root, g[s]["name"], variant) for g in (studies, base))
-    for utt in sorted(set(a) & set(b)):
+    paired = sorted(set(a) & set(b))
+    utt_seeds += bool(paired)
+    for utt in paired:
       ua.append(a[utt])
       ub.append(b[utt])
   c = stats.paired_over_seeds([studies[s]["variants"][variant]["wer"] for s in seeds],
@@ -242,6 +244,8 @@ def _seed_paired(root: str, studies: dict, base: dict, variant: str, n_resamples
   t = "-" if c["t_test_p"] is None else f"{c['t_test_p']:.3f}"
   utt = "" if c["utt_diff"] is None else (f"; sentences {c['utt_diff']:+.1f} [{c['utt_ci_low']:+.1f}, "
                                           f"{c['utt_ci_high']:+.1f}], p {c['utt_p']:.3f}")
+  if utt and utt_seeds < len(seeds):   # a seed whose folder lacks per-sentence results: say the pool is smaller
+    utt += f" over {utt_seeds} of them"
   return f"{c['mean_a'] - c['mean_b']:+.1f}, t-test p {t}{utt} ({len(seeds)} seeds)"
 
 

@@ -184,6 +184,15 @@ def test_collect_seeds_pairs_recipes_over_training_seeds(tmp_path):
   assert cli.main(["e2etts-diagnose", f"--collect={tmp_path}", "--baseline=base-s1", "--bootstrap=300",
                    f"--md={md}"]) == 0
   assert md.read_text().endswith("\nRecipes run with several training seeds:\n\n" + table)
+  # A seed folder without its per-sentence results: the t-test keeps 3 seeds, the pooled sentences say they are 2.
+  os.remove(tmp_path / "new-s2" / "resynthesis" / "results.json")
+  part = diagnosis.collect_seeds(str(tmp_path), baseline="base-s1", n_resamples=300)
+  cell = {line.split("|")[1].strip(): line.strip("|").split("|")[7].strip() for line in part.splitlines()[2:]}
+  two = {s: new[s] for s in (0, 1)}
+  boot2 = stats.paired_bootstrap(pooled(two), pooled({s: base[s] for s in (0, 1)}), n_resamples=300)
+  assert cell["tiny, r1"] == (f"{-100 * np.mean(list(gains.values())):+.1f}, t-test p {p:.3f}; sentences "
+                              f"{boot2['diff']:+.1f} [{boot2['ci_low']:+.1f}, {boot2['ci_high']:+.1f}], "
+                              f"p {boot2['p_value']:.3f} over 2 of them (3 seeds)")
   solo = tmp_path / "solo"
   solo.mkdir()
   _fake_study(solo, "only", base[0], seed=0)
