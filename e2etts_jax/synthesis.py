@@ -270,7 +270,7 @@ class Synthesizer:
     steps, guidance = int(self.config.fm.ode_steps), float(self.config.fm.guidance)
     sigma_min, temperature = float(self.config.fm.sigma_min), float(self.config.fm.temperature)
     start_t = float(self.config.fm.start_t)
-    silence = math.log(float(self.config.audio.log_floor))
+    silence = self.mel_range[0]   # the log floor: the log-mel of silence
 
     def tokenize(p, mel, mel_mask):
       out = s.tokenizer.apply({"params": p}, mel, mel_mask)
