@@ -1,4 +1,5 @@
 """Diagnosis: each mel variant is what it claims to be, and diagnose() scores them with the judge and reports."""
+import copy
 import csv
 import json
 import os
@@ -7,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from e2etts_jax import audio, diagnosis, evaluation
+from e2etts_jax import audio, config_lib, diagnosis, evaluation
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +94,17 @@ def test_recipe_names_size_and_non_default_training(tiny_config):
   c.text.update(frontend="phones", model_type="word")
   assert diagnosis.recipe(c).endswith("train.stage1.learning_rate=0.002, llm.d_model=48, text.frontend=phones, "
                                       "text.model_type=word, train.stage2.trainable=llm, llm.dropout=0.1")
+
+
+def test_recipe_tells_cascade_and_ablation_arms_from_e2e(tiny_config):
+  # One config trained three ways: the recipe (and so collect's grouping) must differ even at equal steps.
+  size = f"d{tiny_config.fm.d_model} x {tiny_config.fm.num_layers} layers"
+  cascade = config_lib.make_cascaded(copy.deepcopy(tiny_config))
+  assert diagnosis.recipe(cascade) == f"{size}, train.mode=cascaded, train.stage1.trainable=tokenizer,rm"
+  detached = copy.deepcopy(tiny_config)
+  detached.train.stage1.token_grads = "rm,rm_spk"
+  assert diagnosis.recipe(detached) == f"{size}, train.stage1.token_grads=rm,rm_spk"
+  assert diagnosis.recipe(tiny_config) == size
 
 
 def _fake_study(root, name, utt_wers, *, seed=None, recipe=None, prior=None, config_seed=None, tts=None):
