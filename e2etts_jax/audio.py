@@ -6,6 +6,7 @@ centering, so a clip of N samples gives exactly N // hop frames and frames line 
 from __future__ import annotations
 
 import functools
+import math
 
 import librosa
 import numpy as np
@@ -67,6 +68,12 @@ def num_frames(num_samples: int, audio_cfg) -> int:
 
 def _pad(audio_cfg) -> int:
   return (audio_cfg.n_fft - audio_cfg.hop_length) // 2
+
+
+def silence(audio_cfg) -> float:
+  """The log-mel value of silence: log(audio_cfg.log_floor), what `log_mel` gives every bin of a silent frame and
+  what padded frames (batches, the FM sampler) are filled with."""
+  return math.log(float(audio_cfg.log_floor))
 
 
 def log_mel(wav: np.ndarray, audio_cfg) -> np.ndarray:

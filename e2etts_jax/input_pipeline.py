@@ -50,7 +50,7 @@ from absl import flags
 import numpy as np
 from etils import epath
 
-from e2etts_jax import config_lib, records, sharding
+from e2etts_jax import audio, config_lib, records, sharding
 from e2etts_jax import text as text_lib
 
 BATCH_KEYS = ("mel", "mel_mask", "text_ids", "text_mask", "ctc_ids", "ctc_mask", "speaker", "aux", "valid")
@@ -393,7 +393,7 @@ def make_dataset(config, split: str, *, seed: int, process_index: int | None = N
                    shards_dir=shards_dir)
   load = _LoadBatch(dataset_info(shards_dir)["shards"][split], plan, process_index, process_count,
                     config.audio.n_mels, config.text.max_text_tokens, config.text.max_ctc_len, aux_columns(config),
-                    silence=float(np.log(config.audio.log_floor)), ctc_sep=text_lib.ctc_separator(config))
+                    silence=audio.silence(config.audio), ctc_sep=text_lib.ctc_separator(config))
   ds = grain.MapDataset.range(plan.batches_per_epoch).repeat(num_epochs).map_with_index(load)
   # Threads overlap record reads/decoding inside a process; worker processes sidestep the GIL when
   # decoding+padding is the bottleneck. Neither changes the order of batches.

@@ -144,7 +144,7 @@ def mel_range(audio_cfg) -> tuple[float, float]:
   basis = audio.mel_basis(int(audio_cfg.sample_rate), int(audio_cfg.n_fft), int(audio_cfg.n_mels),
                           float(audio_cfg.fmin), float(audio_cfg.fmax))
   window_sum = float(np.hanning(int(audio_cfg.win_length) + 1)[:-1].sum())   # periodic Hann, as the STFT's
-  return math.log(float(audio_cfg.log_floor)), math.log(float(basis.sum(axis=1).max()) * window_sum)
+  return audio.silence(audio_cfg), math.log(float(basis.sum(axis=1).max()) * window_sum)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +270,7 @@ class Synthesizer:
     steps, guidance = int(self.config.fm.ode_steps), float(self.config.fm.guidance)
     sigma_min, temperature = float(self.config.fm.sigma_min), float(self.config.fm.temperature)
     start_t = float(self.config.fm.start_t)
-    silence = self.mel_range[0]   # the log floor: the log-mel of silence
+    silence = self.mel_range[0]   # audio.silence: the log floor
 
     def tokenize(p, mel, mel_mask):
       out = s.tokenizer.apply({"params": p}, mel, mel_mask)

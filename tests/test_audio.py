@@ -36,6 +36,8 @@ def test_frames_align_with_hop(tiny_config):
 def test_silence_hits_the_floor(tiny_config):
   m = audio.log_mel(np.zeros(16000, np.float32), tiny_config.audio)
   np.testing.assert_allclose(m, np.log(tiny_config.audio.log_floor))
+  # The one silence value that padding uses is exactly what log_mel gives a silent frame.
+  np.testing.assert_array_equal(m, np.float32(audio.silence(tiny_config.audio)))
 
 
 def test_load_audio_converts_stereo_and_rate(tmp_path, tiny_config):
