@@ -24,6 +24,7 @@ TOKEN_GRAD_TERMS = ("llm", "rm", "rm_spk", "fm")
 DTYPES = ("float32", "bfloat16")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 MODES = ("e2e", "cascaded")
+OPTIMIZERS = ("adamw", "muon")
 FM_DECODERS = ("flow", "prior")
 
 
@@ -195,6 +196,12 @@ def base_config() -> ml_collections.ConfigDict:
       # Per-network multipliers of every stage's learning rate.
       "lr_scale": {n: 1.0 for n in NETWORKS},
       "gumbel_tau": 1.0,
+      # 'adamw', or 'muon': the transformer blocks' matrices take orthogonalised momentum updates (optax.contrib's
+      # Newton-Schulz, momentum muon_momentum, Nesterov) scaled to an RMS of muon_rms per entry, so the stage
+      # learning rates and weight decay stay AdamW's; everything else keeps AdamW (optim.muon_dimensions).
+      "optimizer": "adamw",
+      "muon_momentum": 0.95,
+      "muon_rms": 0.2,
       "weight_decay": 0.01,
       "grad_clip": 5.0,
       "b1": 0.9,
@@ -380,6 +387,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                         f"(a centred window)")
     if not 0.0 <= n.get("dropout", 0.0) < 1.0:
       raise ConfigError(f"{net}.dropout={n.dropout}: must be in [0, 1) (the fraction of units dropped)")
+  if c.train.optimizer not in OPTIMIZERS:
+    raise ConfigError(f"train.optimizer={c.train.optimizer!r}: choose one of {OPTIMIZERS}")
+  if not 0.0 <= c.train.muon_momentum < 1.0:
+    raise ConfigError(f"train.muon_momentum={c.train.muon_momentum}: must be in [0, 1)")
   if c.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
   if c.model.remat not in REMAT_POLICIES:

@@ -1,12 +1,15 @@
-"""One optax multi-transform over the four networks: AdamW + warmup/cosine + clipping for the networks a stage
-trains, zero updates (and no optimizer state) for the frozen ones."""
+"""One optax multi-transform over the four networks: AdamW (or Muon on the transformer blocks' matrices) +
+warmup/cosine + clipping for the networks a stage trains, zero updates (and no optimizer state) for the frozen ones."""
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from optax import contrib as optax_contrib
 
 from e2etts_jax import config_lib
 
@@ -62,6 +65,50 @@ def _decay_mask(params):
       lambda path, _: any(getattr(k, "key", None) in ("kernel", "embedding") for k in path), params)
 
 
+def _dict_keys(path) -> list:
+  # Parameters may arrive boxed (nn.Partitioned, whose value is an attribute in the path) or as plain arrays.
+  return [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def muon_dimensions(params):
+  """The matrix view Muon orthogonalises, per parameter: optax's MuonDimensionNumbers for each transformer-block
+  kernel, None for everything else (embeddings, input and output projections, norms, biases: AdamW's, as in
+  Muon's recipe).
+
+  Block kernels are stacked over layers ([layers, in, out], the attention's [layers, embed, heads, kv] and
+  [layers, heads, kv, embed]): axis 0 is a batch axis, so each layer's matrix is orthogonalised on its own, and
+  heads x kv count as one matrix dimension (the attention output contracts both).
+  """
+  def dims(path, x):
+    keys = _dict_keys(path)
+    if "layers" not in keys or keys[-1] != "kernel" or len(x.shape) < 3:
+      return None
+    fan_in = (1, 2) if keys[-2] == "out" else (1,)
+    fan_out = tuple(a for a in range(1, len(x.shape)) if a not in fan_in)
+    return optax_contrib.MuonDimensionNumbers(reduction_axis=fan_in, output_axis=fan_out)
+  return jax.tree_util.tree_map_with_path(dims, params)
+
+
+def _is_dims(x) -> bool:
+  return x is None or isinstance(x, optax_contrib.MuonDimensionNumbers)
+
+
+def scale_to_rms(rms: float) -> optax.GradientTransformation:
+  """Scales each orthogonalised [.., fan_in, fan_out] update by rms * sqrt(max(fan_in, fan_out)): an update of
+  RMS `rms` per entry whatever the matrix's shape, AdamW's typical RMS at 0.2, so Muon runs at AdamW's learning
+  rates and weight decay (Liu et al. 2025, "Muon is scalable for LLM training")."""
+  def update(updates, state, params=None):
+    del params
+    def scale(u, d):
+      if d is None:
+        return u
+      fan_in = math.prod(u.shape[a] for a in d.reduction_axis)
+      fan_out = math.prod(u.shape[a] for a in d.output_axis)
+      return u * (rms * math.sqrt(max(fan_in, fan_out)))
+    return jax.tree.map(scale, updates, muon_dimensions(updates)), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.GradientTransformation:
   """The stage's optimizer. Its update takes the schedule's numbers as `schedule=` (see schedule_values)."""
   trainable = config_lib.parse_list(config.train[stage].trainable)
@@ -75,6 +122,16 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.Gradi
     adamw = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2),
                         optax.add_decayed_weights(t.weight_decay, _decay_mask),
                         scale_by_scheduled_lr(float(t.lr_scale[name]), default))
+    if t.optimizer == "muon":
+      muon = optax.chain(optax_contrib.scale_by_muon(beta=t.muon_momentum, nesterov=True,
+                                                     weight_dimension_numbers=muon_dimensions),
+                         scale_to_rms(t.muon_rms),
+                         optax.add_decayed_weights(t.weight_decay),
+                         scale_by_scheduled_lr(float(t.lr_scale[name]), default))
+      adamw = optax.multi_transform(
+          {"muon": muon, "adamw": adamw},
+          lambda params: jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimensions(params),
+                                      is_leaf=_is_dims))
     # Per-network clipping: one network's gradient spike must not shrink the others' updates.
     return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
 

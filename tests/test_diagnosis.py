@@ -104,6 +104,9 @@ def test_recipe_tells_cascade_and_ablation_arms_from_e2e(tiny_config):
   detached = copy.deepcopy(tiny_config)
   detached.train.stage1.token_grads = "rm,rm_spk"
   assert diagnosis.recipe(detached) == f"{size}, train.stage1.token_grads=rm,rm_spk"
+  muon = copy.deepcopy(tiny_config)
+  muon.train.optimizer = "muon"
+  assert diagnosis.recipe(muon) == f"{size}, train.optimizer=muon"
   assert diagnosis.recipe(tiny_config) == size
 
 

@@ -1,4 +1,4 @@
-"""The optimizer: per-network learning-rate scales, frozen networks, the warm-up/cosine schedule."""
+"""The optimizer: per-network learning-rate scales, frozen networks, the warm-up/cosine schedule, Muon."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,3 +84,77 @@ def test_the_schedule_argument_overrides_the_configs_and_the_state_is_adamws(tin
   expected = plain.update(grads, pstate, params)[0]
   for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(expected)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def _block_params():
+  """A network's parameters as the models lay them out: block kernels stacked over 2 layers, the attention's
+  heads x kv axes, plus an input projection, a norm and a head that stay AdamW's."""
+  k = jax.random.split(jax.random.key(0), 6)
+  net = {"layers": {"attn": {"query": {"kernel": jax.random.normal(k[0], (2, 12, 3, 4))},
+                             "out": {"kernel": jax.random.normal(k[1], (2, 3, 4, 12))}},
+                    "mlp": {"up": {"kernel": jax.random.normal(k[2], (2, 12, 20))}},
+                    "attn_norm": {"scale": jnp.ones((2, 12))}},
+         "code_in": {"kernel": jax.random.normal(k[3], (8, 12)), "bias": jnp.zeros((12,))},
+         "head": {"kernel": jax.random.normal(k[4], (12, 5))}}
+  return {n: net for n in optim.NETWORKS}
+
+
+def test_muon_takes_the_block_matrices_with_heads_as_one_axis(tiny_config):
+  dims = optim.muon_dimensions(_block_params())["fm"]
+  assert tuple(dims["layers"]["attn"]["query"]["kernel"]) == ((1,), (2, 3))
+  assert tuple(dims["layers"]["attn"]["out"]["kernel"]) == ((1, 2), (3,))
+  assert tuple(dims["layers"]["mlp"]["up"]["kernel"]) == ((1,), (2,))
+  for leaf in (dims["layers"]["attn_norm"]["scale"], dims["code_in"]["kernel"], dims["code_in"]["bias"],
+               dims["head"]["kernel"]):
+    assert leaf is None
+
+
+def test_muon_matches_optax_contrib_muon_and_keeps_adamw_elsewhere(tiny_config):
+  """train.optimizer='muon' is optax.contrib.muon at consistent RMS 0.2 on the block matrices (the same numbers),
+  and exactly the AdamW configuration's updates on every other parameter."""
+  c = tiny_config
+  c.train.stage1.trainable = "tokenizer,llm,fm,rm"
+  c.train.stage1.warmup_steps = 1
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1e9
+  params = _block_params()
+  grads = [jax.tree.map(lambda p, i=i: jnp.sin(p * (i + 1.0)), params) for i in range(3)]
+
+  def run(tx):
+    state, out = tx.init(params), []
+    for g in grads:
+      updates, state = tx.update(g, state, params)
+      out.append(updates)
+    return out
+
+  adamw = run(optim.make_optimizer(c, "stage1"))
+  c.train.optimizer = "muon"
+  ours = run(optim.make_optimizer(c, "stage1"))
+  reference = optax.contrib.muon(optim.schedule(c, "stage1"), beta=c.train.muon_momentum, adam_b1=c.train.b1,
+                                 adam_b2=c.train.b2, adam_learning_rate=optim.schedule(c, "stage1"),
+                                 muon_weight_dimension_numbers=optim.muon_dimensions, consistent_rms=0.2)
+  reference = run(reference)
+  dims = optim.muon_dimensions(params)
+  for step in range(1, 3):   # step 0 runs at LR 0
+    flat_dims = jax.tree.leaves(dims, is_leaf=optim._is_dims)
+    assert len(flat_dims) == len(jax.tree.leaves(params)) and sum(d is not None for d in flat_dims) == 12
+    for d, a, m, r in zip(flat_dims, jax.tree.leaves(adamw[step]), jax.tree.leaves(ours[step]),
+                          jax.tree.leaves(reference[step])):
+      if d is None:
+        np.testing.assert_array_equal(m, a)
+      else:
+        np.testing.assert_allclose(m, r, rtol=1e-5, atol=1e-9)
+        assert not np.allclose(m, a, rtol=0.1)
+  # The orthogonalised update of each layer's [in, out] matrix has its singular values bunched near one value
+  # (Newton-Schulz's quintic leaves them within about [0.7, 1.2]), where the gradient's spread.
+  up = np.asarray(ours[2]["llm"]["layers"]["mlp"]["up"]["kernel"][0])
+  sv = np.linalg.svd(up, compute_uv=False)
+  g_sv = np.linalg.svd(np.asarray(grads[2]["llm"]["layers"]["mlp"]["up"]["kernel"][0]), compute_uv=False)
+  assert sv.max() / sv.min() < 2.5 < g_sv.max() / g_sv.min()
+
+
+def test_config_rejects_an_unknown_optimizer(tiny_config):
+  from e2etts_jax import config_lib
+  tiny_config.train.optimizer = "sgd"
+  with pytest.raises(config_lib.ConfigError, match="train.optimizer='sgd'"):
+    config_lib.validate(tiny_config)
