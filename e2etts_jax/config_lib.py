@@ -200,6 +200,7 @@ def base_config() -> ml_collections.ConfigDict:
       # Newton-Schulz, momentum muon_momentum, Nesterov) scaled to an RMS of muon_rms per entry, so the stage
       # learning rates and weight decay stay AdamW's; everything else keeps AdamW (optim.muon_dimensions).
       "optimizer": "adamw",
+      "muon_networks": "tokenizer,llm,fm,rm",   # the networks Muon trains (the others keep AdamW throughout)
       "muon_momentum": 0.95,
       "muon_rms": 0.2,
       "weight_decay": 0.01,
@@ -389,6 +390,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
       raise ConfigError(f"{net}.dropout={n.dropout}: must be in [0, 1) (the fraction of units dropped)")
   if c.train.optimizer not in OPTIMIZERS:
     raise ConfigError(f"train.optimizer={c.train.optimizer!r}: choose one of {OPTIMIZERS}")
+  _check_networks("train.muon_networks", c.train.muon_networks)
   if not 0.0 <= c.train.muon_momentum < 1.0:
     raise ConfigError(f"train.muon_momentum={c.train.muon_momentum}: must be in [0, 1)")
   if c.model.dtype not in DTYPES:

@@ -103,7 +103,8 @@ def diagnose(synth, items: Sequence, out_dir: str, *, asr, variants: Sequence[st
 # cascade or an ablation arm from e2e on the same config, which its step count alone need not.
 RECIPE_KEYS = ("fm.encoder_layers", "fm.t_schedule", "fm.prior_start", "fm.prior_weight", "fm.conv_kernel",
                "tokenizer.conv_kernel", "rm.conv_kernel", "train.stage1.learning_rate", "train.mode",
-               "train.stage1.trainable", "train.stage1.token_grads", "train.optimizer")
+               "train.stage1.trainable", "train.stage1.token_grads", "train.optimizer",
+               "train.muon_networks")
 
 
 # Keys named where they differ from the defaults of the config's own size (`c.name`): the LLM's shape, its text

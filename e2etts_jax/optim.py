@@ -122,7 +122,7 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.Gradi
     adamw = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2),
                         optax.add_decayed_weights(t.weight_decay, _decay_mask),
                         scale_by_scheduled_lr(float(t.lr_scale[name]), default))
-    if t.optimizer == "muon":
+    if t.optimizer == "muon" and name in config_lib.parse_list(t.muon_networks):
       muon = optax.chain(optax_contrib.scale_by_muon(beta=t.muon_momentum, nesterov=True,
                                                      weight_dimension_numbers=muon_dimensions),
                          scale_to_rms(t.muon_rms),

@@ -153,8 +153,36 @@ def test_muon_matches_optax_contrib_muon_and_keeps_adamw_elsewhere(tiny_config):
   assert sv.max() / sv.min() < 2.5 < g_sv.max() / g_sv.min()
 
 
-def test_config_rejects_an_unknown_optimizer(tiny_config):
+def test_muon_networks_leave_the_others_on_adamw(tiny_config):
+  c = tiny_config
+  c.train.stage1.trainable = "tokenizer,llm,fm,rm"
+  c.train.stage1.warmup_steps = 1
+  params = _block_params()
+  grads = jax.tree.map(jnp.cos, params)
+
+  def second_updates():
+    tx = optim.make_optimizer(c, "stage1")
+    state = tx.update(grads, tx.init(params), params)[1]
+    return tx.update(grads, state, params)[0]
+
+  adamw = second_updates()
+  c.train.optimizer, c.train.muon_networks = "muon", "llm,rm"
+  mixed = second_updates()
+  for net in optim.NETWORKS:
+    a = np.asarray(adamw[net]["layers"]["mlp"]["up"]["kernel"])
+    m = np.asarray(mixed[net]["layers"]["mlp"]["up"]["kernel"])
+    if net in ("llm", "rm"):
+      assert not np.allclose(m, a, rtol=0.1)
+    else:
+      np.testing.assert_array_equal(m, a)
+
+
+def test_config_rejects_an_unknown_optimizer_or_muon_network(tiny_config):
   from e2etts_jax import config_lib
   tiny_config.train.optimizer = "sgd"
   with pytest.raises(config_lib.ConfigError, match="train.optimizer='sgd'"):
+    config_lib.validate(tiny_config)
+  tiny_config.train.optimizer = "muon"
+  tiny_config.train.muon_networks = "llm,tokeniser"
+  with pytest.raises(config_lib.ConfigError, match="muon_networks names unknown network 'tokeniser' .*'tokenizer'"):
     config_lib.validate(tiny_config)
