@@ -393,6 +393,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   _check_networks("train.muon_networks", c.train.muon_networks)
   if not 0.0 <= c.train.muon_momentum < 1.0:
     raise ConfigError(f"train.muon_momentum={c.train.muon_momentum}: must be in [0, 1)")
+  if c.train.muon_rms <= 0:
+    raise ConfigError(f"train.muon_rms={c.train.muon_rms}: must be > 0 (the RMS of Muon's update per entry)")
   if c.model.dtype not in DTYPES:
     raise ConfigError(f"model.dtype={c.model.dtype!r}: choose one of {DTYPES}")
   if c.model.remat not in REMAT_POLICIES:

@@ -77,7 +77,7 @@ def muon_dimensions(params):
 
   Block kernels are stacked over layers ([layers, in, out], the attention's [layers, embed, heads, kv] and
   [layers, heads, kv, embed]): axis 0 is a batch axis, so each layer's matrix is orthogonalised on its own, and
-  heads x kv count as one matrix dimension (the attention output contracts both).
+  heads x kv count as one matrix dimension (`layers.Attention`'s projection 'out' contracts both).
   """
   def dims(path, x):
     keys = _dict_keys(path)
@@ -95,8 +95,8 @@ def _is_dims(x) -> bool:
 
 def scale_to_rms(rms: float) -> optax.GradientTransformation:
   """Scales each orthogonalised [.., fan_in, fan_out] update by rms * sqrt(max(fan_in, fan_out)): an update of
-  RMS `rms` per entry whatever the matrix's shape, AdamW's typical RMS at 0.2, so Muon runs at AdamW's learning
-  rates and weight decay (Liu et al. 2025, "Muon is scalable for LLM training")."""
+  RMS about `rms` per entry whatever the matrix's shape. At 0.2, AdamW's typical update RMS, Muon runs at AdamW's
+  learning rates and weight decay (Liu et al. 2025, "Muon is scalable for LLM training")."""
   def update(updates, state, params=None):
     del params
     def scale(u, d):
@@ -122,18 +122,19 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.Gradi
     adamw = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2),
                         optax.add_decayed_weights(t.weight_decay, _decay_mask),
                         scale_by_scheduled_lr(float(t.lr_scale[name]), default))
+    tx = adamw
     if t.optimizer == "muon" and name in config_lib.parse_list(t.muon_networks):
       muon = optax.chain(optax_contrib.scale_by_muon(beta=t.muon_momentum, nesterov=True,
                                                      weight_dimension_numbers=muon_dimensions),
                          scale_to_rms(t.muon_rms),
                          optax.add_decayed_weights(t.weight_decay),
                          scale_by_scheduled_lr(float(t.lr_scale[name]), default))
-      adamw = optax.multi_transform(
+      tx = optax.multi_transform(
           {"muon": muon, "adamw": adamw},
           lambda params: jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimensions(params),
                                       is_leaf=_is_dims))
     # Per-network clipping: one network's gradient spike must not shrink the others' updates.
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), tx)
 
   return optax.multi_transform({n: network_tx(n) for n in NETWORKS},
                                lambda params: {n: jax.tree.map(lambda _: n, params[n]) for n in params})

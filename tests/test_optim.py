@@ -186,3 +186,7 @@ def test_config_rejects_an_unknown_optimizer_or_muon_network(tiny_config):
   tiny_config.train.muon_networks = "llm,tokeniser"
   with pytest.raises(config_lib.ConfigError, match="muon_networks names unknown network 'tokeniser' .*'tokenizer'"):
     config_lib.validate(tiny_config)
+  tiny_config.train.muon_networks = "llm"
+  tiny_config.train.muon_rms = 0.0
+  with pytest.raises(config_lib.ConfigError, match="train.muon_rms=0.0: must be > 0"):
+    config_lib.validate(tiny_config)
