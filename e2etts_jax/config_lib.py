@@ -546,5 +546,16 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
   return c
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+  """{'a.b.c': leaf} of a nested dict (e.g. a config's JSON), in the keys `--config.a.b.c=` overrides use."""
+  out = {}
+  for k, v in values.items():
+    if isinstance(v, dict):
+      out.update(flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
 def fsq_codebook_size(levels: Sequence[int]) -> int:
   return int(math.prod(int(l) for l in levels))

@@ -212,7 +212,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     except TrainingError:
       ckpt.close()
       raise
-  write_run_files(workdir, config, info)   # only now: a refused resume leaves the workdir's config.json as it was
   system = System(config, info)
   rng = jax.random.key(config.seed)
   train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
@@ -225,9 +224,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     if meta is not None:
       stage = meta["stage"]
       abstract, shard_tree = train_step.state_shardings(system, optim.make_optimizer(config, stage), mesh)
-      state, _ = ckpt.restore(latest, abstract, train_iter)
+      try:
+        state, _ = ckpt.restore(latest, abstract, train_iter)
+      except checkpoint.CheckpointError as e:
+        ckpt.close()
+        raise checkpoint.CheckpointError(f"{e}\n{_config_changes(workdir, config)}") from e
       start_global = latest
       log.info("resumed from %s step %d (stage %s)", ckpt.directory, latest, stage)
+    # Only now: a refused resume leaves the workdir's config.json as the run that wrote its checkpoints left it.
+    write_run_files(workdir, config, info)
 
     peak = perf.matmul_peak_flops()
     history: list[dict] = []
@@ -297,6 +302,29 @@ def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
       f"{directory} holds global step {step} of {stage}, which this config's stages ({where}) do not place in "
       f"{stage}: resume with the stage budgets that wrote it (its workdir's config.json), or start another "
       f"workdir (train.init_from takes its parameters)")
+
+
+def _config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int = 12) -> str:
+  """What a refused resume's config changed against the workdir's config.json (the run that wrote the checkpoint),
+  one `key: old -> new` per differing key, since a changed optimizer, network shape or EMA setting changes the
+  state tree Orbax is asked for."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      old = config_lib.flatten(json.load(f))
+  except (OSError, ValueError) as e:
+    return f"its config ({path}) cannot be read to compare: {type(e).__name__}: {e}"
+  new = config_lib.flatten(json.loads(config.to_json_best_effort()))
+  absent = "(absent)"
+  changed = [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
+             for k in sorted(old.keys() | new.keys()) if k not in old or k not in new or old[k] != new[k]]
+  if not changed:
+    return (f"this config matches {path}, so the checkpoint itself is damaged or was written by another version "
+            f"of the code")
+  more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
+  return (f"this config differs from the one that wrote it ({path}) in {len(changed)} key(s): "
+          f"{'; '.join(changed[:limit])}{more}. Resume with that config, or start another workdir "
+          f"(train.init_from takes its parameters)")
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:

@@ -1,4 +1,5 @@
 """Config: sizes, overrides through absl's config_flags, locking, and one test per validate() rule."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -150,3 +151,20 @@ def test_validate_batch_versus_data_parallel(tiny_config):
   tiny_config.mesh.update(data=-1, fsdp=1, tensor=2)   # 2-way data parallel: 6 is fine
   validate(tiny_config, num_devices=4)
   assert config_lib.resolve_mesh_shape(tiny_config.mesh, 4) == (2, 1, 2)
+
+
+def test_flatten_names_keys_as_overrides_do():
+  c = config_lib.get_config("tiny")
+  flat = config_lib.flatten(json.loads(c.to_json_best_effort()))
+  assert flat["train.stage1.learning_rate"] == c.train.stage1.learning_rate
+  assert flat["tokenizer.fsq_levels"] == list(c.tokenizer.fsq_levels)
+  assert not any(isinstance(v, dict) for v in flat.values())
+  # Every flattened key is one an override accepts: setting each to its own value changes nothing.
+  again = config_lib.apply_overrides(config_lib.get_config("tiny"), {k: getattr_path(c, k) for k in flat})
+  assert again.to_json_best_effort() == c.to_json_best_effort()
+
+
+def getattr_path(c, key):
+  for part in key.split("."):
+    c = c[part]
+  return c

@@ -191,6 +191,21 @@ def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, tra
   assert open(os.path.join(run, "config.json")).read() == written   # the refused run changed nothing
 
 
+def test_resume_with_another_optimizer_names_the_changed_key_and_keeps_the_config(tiny_shards, trained_source):
+  run = trained_source
+  written = open(os.path.join(run, "config.json")).read()
+  c = tiny_train_config(tiny_shards, steps=(2, 0, 0))
+  c.train.optimizer = "muon"   # another optimizer state tree than the checkpoint's AdamW one
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"(?s)cannot restore step 2 .*differs from the one that wrote it .* in 1 key\(s\): "
+                           r"train\.optimizer: 'adamw' -> 'muon'\. Resume with that config"):
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+  assert open(os.path.join(run, "config.json")).read() == written
+  kept = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), 1, 1)
+  assert kept.latest_step() == 2
+  kept.close()
+
+
 def _train_cmd(shards, workdir, steps=8):
   return [sys.executable, "-m", "e2etts_jax.cli.train", "--config", os.path.join(REPO, "configs/tiny.py"),
           "--workdir", workdir, f"--config.data.shards={shards}", "--config.data.bucket_boundaries=(200,)",
