@@ -99,7 +99,7 @@ def _block_params():
   return {n: net for n in optim.NETWORKS}
 
 
-def test_muon_takes_the_block_matrices_with_heads_as_one_axis(tiny_config):
+def test_muon_takes_the_block_matrices_with_heads_as_one_axis():
   dims = optim.muon_dimensions(_block_params())["fm"]
   assert tuple(dims["layers"]["attn"]["query"]["kernel"]) == ((1,), (2, 3))
   assert tuple(dims["layers"]["attn"]["out"]["kernel"]) == ((1, 2), (3,))
