@@ -304,7 +304,7 @@ def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
       f"workdir (train.init_from takes its parameters)")
 
 
-def _config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int = 12) -> str:
+def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
   """What a refused resume's config changed against the workdir's config.json (the run that wrote the checkpoint),
   one `key: old -> new` per differing key, since a changed optimizer, network shape or EMA setting changes the
   state tree Orbax is asked for."""
@@ -321,9 +321,8 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int 
   if not changed:
     return (f"this config matches {path}, so the checkpoint itself is damaged or was written by another version "
             f"of the code")
-  more = f" (and {len(changed) - limit} more)" if len(changed) > limit else ""
   return (f"this config differs from the one that wrote it ({path}) in {len(changed)} key(s): "
-          f"{'; '.join(changed[:limit])}{more}. Resume with that config, or start another workdir "
+          f"{'; '.join(changed)}. Resume with that config, or start another workdir "
           f"(train.init_from takes its parameters)")
 
 

@@ -200,6 +200,11 @@ def test_resume_with_another_optimizer_names_the_changed_key_and_keeps_the_confi
                      match=r"(?s)cannot restore step 2 .*differs from the one that wrote it .* in 1 key\(s\): "
                            r"train\.optimizer: 'adamw' -> 'muon'\. Resume with that config"):
     trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+  d = c.llm.d_model
+  c.llm.d_model = 2 * d   # every changed key is named, in key order
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=rf"in 2 key\(s\): llm\.d_model: {d} -> {2 * d}; train\.optimizer: 'adamw' -> 'muon'\. "):
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
   assert open(os.path.join(run, "config.json")).read() == written
   kept = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), 1, 1)
   assert kept.latest_step() == 2
