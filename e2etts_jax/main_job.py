@@ -37,10 +37,8 @@ import numpy as np
 from e2etts_jax import config_lib, provenance
 
 # Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line.
-# - Batch 4 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus): every (stage, length bucket) pair
-#   compiles once for 30-60 s, and a batch of 16 at 400 frames costs ~3x a batch of 8 at 250. A step of 4 costs
-#   0.53 of a step of 8 (stage 1, one core or two), so twice the steps at half the batch is the same compute; it
-#   resynthesises better, see the step counts below.
+# - Batch 8 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus): every (stage, length bucket) pair
+#   compiles once for 30-60 s, and a batch of 16 at 400 frames costs ~3x a batch of 8 at 250.
 # - Where the steps go: the FM's capacity and steps are what resynthesis waits on (docs/diagnosis.md: small's FM
 #   reads far better than mini's, and 1500 -> 3000 stage-1 steps keep paying), while on this corpus the other three
 #   networks gain little from small's width (a 5x larger LLM: -0.07 nats). So the budget keeps small's FM, with a
@@ -52,7 +50,7 @@ from e2etts_jax import config_lib, provenance
 _MINI = config_lib.get_config("mini")
 _NET_SHAPE = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
-    "data.batch_size": 4,
+    "data.batch_size": 8,
     "data.max_seconds": 5.0,
     "data.max_frames": 250,
     "data.bucket_boundaries": (250,),
@@ -69,13 +67,10 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # 800/150/150 resynthesise all 77 held-out sentences 6.4 WER points better (seeds 0-1, p = 0.007; the main
     # job's 20: -7.8, p = 0.024), every loss still falling in every stage and TTS not worse at p < 0.05 (+2.3,
     # p = 0.074); 150 more FM steps in stage 3 (-1.2, p = 0.51) and stage 2 at LR 1e-3 (-1.9, p = 0.28) did not
-    # (docs/diagnosis.md). The same utterances again as twice the steps at half the batch (1900/150/150 x 4
-    # against 950/75/75 x 8, equal analytic FLOPs): all 77 held-out sentences 4.2 WER points better (lower in each
-    # of seeds 0-2, p = 0.026; the main job's 20: -13.7, p = 0.028), mel error lower in each seed, TTS not worse
-    # (+1.3, p = 0.67).
-    "train.stage1.steps": 1900,
-    "train.stage2.steps": 150,
-    "train.stage3.steps": 150,
+    # (docs/diagnosis.md).
+    "train.stage1.steps": 950,
+    "train.stage2.steps": 75,
+    "train.stage3.steps": 75,
     # Measured at the former budget (small's four networks, 150/75/75): 75 steps at the config's 1e-4 barely moved
     # stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3 seeds); from the same stage-2 checkpoints, 3e-4
     # lowered every stage-3 term in all 3 seeds, each further than 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raised
@@ -86,12 +81,9 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # (-0.012); LR 1e-4 does not stop that (+0.026), weight 2 leaves it flat (+0.001), and 3 lowers every term
     # (LLM -0.005, E2E ASR -0.027 against -0.098 at weight 1; docs/main_job/stage3_llm_weight.json).
     "train.stage3.weights.llm": 3.0,
-    # Logging, held-out passes and checkpoints as often per utterance seen as at batch 8; the held-out losses on the
-    # 32 test rows as at batch 8 (8 batches of 4, ~1 s in all each time).
-    "train.log_every": 20,
-    "train.eval_every": 200,
-    "train.eval_batches": 8,
-    "train.checkpoint_every": 400,
+    "train.log_every": 10,
+    "train.eval_every": 100,      # held-out losses: 4 forward batches, ~1 s each time
+    "train.checkpoint_every": 200,
     "train.keep_checkpoints": 2,
 }}
 # Below this training code perplexity the tokenizer has collapsed onto (almost) one code; the summary says so.
