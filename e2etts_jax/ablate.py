@@ -61,7 +61,7 @@ def _equal_flops(make: Callable[[ml_collections.ConfigDict], None]) -> Callable[
     make(c)
     c.train.stage2.steps = 0
     rest = target - flops.train_flops(c, info)
-    batch, frames = int(c.data.batch_size), int(c.data.max_frames)
+    batch, frames = config_lib.stage_batch_size(c, "stage2"), int(c.data.max_frames)
     c.train.stage2.steps = max(1, round(rest / flops.step_flops(c, info, batch, frames, "stage2")))
   return apply
 

@@ -37,6 +37,10 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
   w.update(weights)
   return ml_collections.ConfigDict({
       "steps": steps,
+      # Global batch of this stage's training steps; 0 = data.batch_size. A stage whose batch differs from the stage
+      # before it reads a fresh pass of the data at its own batch (the trainer); held-out losses stay at
+      # data.batch_size, so stages stay comparable row for row.
+      "batch_size": 0,
       # Comma-separated subset of NETWORKS; the others get zero updates and no gradient.
       "trainable": trainable,
       "learning_rate": lr,
@@ -315,10 +319,16 @@ def make_cascaded(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return cascade_stage3_steps(c)
 
 
+def stage_batch_size(c: ml_collections.ConfigDict, stage: str) -> int:
+  """The global batch of `stage`'s training steps: train.<stage>.batch_size, or data.batch_size where that is 0."""
+  return int(c.train[stage].batch_size) or int(c.data.batch_size)
+
+
 def cascade_stage3_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The cascade's step budget: the steps E2E spends in stage 3 go to stage 2 (make_cascaded, and budget defaults
-  set on a cascaded config afterwards)."""
-  c.train.stage2.steps = int(c.train.stage2.steps) + int(c.train.stage3.steps)
+  """The cascade's step budget: the rows E2E trains on in stage 3 go to stage 2 (make_cascaded, and budget defaults
+  set on a cascaded config afterwards): its steps, rescaled where the two stages' batches differ."""
+  rows = int(c.train.stage3.steps) * stage_batch_size(c, "stage3")
+  c.train.stage2.steps = int(c.train.stage2.steps) + round(rows / stage_batch_size(c, "stage2"))
   c.train.stage3.steps = 0
   return c
 
@@ -455,6 +465,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                         f"{', '.join(TOKEN_GRAD_TERMS)}")
     if s.steps < 0:
       raise ConfigError(f"train.{stage}.steps={s.steps} must be >= 0")
+    if s.batch_size < 0:
+      raise ConfigError(f"train.{stage}.batch_size={s.batch_size} must be >= 0 (0 = data.batch_size)")
     if s.rm_spk_scale < 0:
       raise ConfigError(f"train.{stage}.rm_spk_scale={s.rm_spk_scale} must be >= 0")
     if s.steps and s.warmup_steps > s.steps:
@@ -476,9 +488,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                       "frozen tokens")
   if num_devices is not None:
     data, fsdp, _ = resolve_mesh_shape(c.mesh, num_devices)
-    if d.batch_size % (data * fsdp):
-      raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by the data-parallel size "
-                        f"mesh.data*mesh.fsdp = {data}*{fsdp} = {data * fsdp}")
+    for key, batch in [("data.batch_size", d.batch_size)] + [
+        (f"train.{s}.batch_size", c.train[s].batch_size) for s in STAGES if c.train[s].batch_size]:
+      if batch % (data * fsdp):
+        raise ConfigError(f"{key}={batch} is not divisible by the data-parallel size "
+                          f"mesh.data*mesh.fsdp = {data}*{fsdp} = {data * fsdp}")
   return c
 
 

@@ -69,9 +69,9 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
 
 def train_flops(config: ml_collections.ConfigDict, info: DataInfo | None = None) -> float:
   """Analytic FLOPs of a whole training run: each stage's steps x its joint step at the padded batch shape
-  [data.batch_size, data.max_frames] (what equal-compute comparisons match). info: the config's own sizes
-  (`DataInfo.for_config`) unless given."""
+  [stage batch (`config_lib.stage_batch_size`), data.max_frames] (what equal-compute comparisons match).
+  info: the config's own sizes (`DataInfo.for_config`) unless given."""
   info = info or DataInfo.for_config(config)
-  batch, frames = int(config.data.batch_size), int(config.data.max_frames)
-  return sum(int(config.train[s].steps) * step_flops(config, info, batch, frames, s)
+  frames = int(config.data.max_frames)
+  return sum(int(config.train[s].steps) * step_flops(config, info, config_lib.stage_batch_size(config, s), frames, s)
              for s in config_lib.STAGES if int(config.train[s].steps) > 0)

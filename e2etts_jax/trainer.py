@@ -7,6 +7,7 @@ non-finite updates and aborting after `train.max_bad_steps` in a row.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -214,7 +215,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
       raise
   system = System(config, info)
   rng = jax.random.key(config.seed)
-  train_iter = input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
+  # The iterator of the current stage's batch size (`_train_iterator`); a stage with another batch makes its own.
+  iter_batch = config_lib.stage_batch_size(config, meta["stage"] if meta is not None else plan[0][0])
+  train_iter = _train_iterator(config, mesh, iter_batch)
   writer = metric_writer.MetricWriter(workdir)
   # Closed on every way out: a run that raises (a refused warm start, too many bad steps) would otherwise leave
   # its TensorBoard writer to an atexit hook, which Python 3.12 can no longer run (no new threads at shutdown).
@@ -245,6 +248,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         if global_step >= first + steps:
           continue   # finished before the restart
         tx = optim.make_optimizer(config, stage)
+        if iter_batch != config_lib.stage_batch_size(config, stage):
+          iter_batch = config_lib.stage_batch_size(config, stage)
+          train_iter = _train_iterator(config, mesh, iter_batch)
         if state is None:
           state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
           if config.train.init_from:
@@ -289,6 +295,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
                        preempted=preemption.requested, evals=held_out.rows)
   finally:
     writer.close()
+
+
+def _train_iterator(config: ml_collections.ConfigDict, mesh, batch_size: int):
+  """The training iterator at global batch `batch_size` (a stage's, `config_lib.stage_batch_size`). Stages that keep
+  the batch of the stage before them continue its iterator; one that changes it starts a fresh pass of the same
+  seed's order at its own batch. So the checkpointed iterator is always the current stage's, and a resume restores
+  into a fresh one of that stage's batch."""
+  if batch_size != config.data.batch_size:
+    config = copy.deepcopy(config)
+    config.data.batch_size = batch_size
+  return input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
 
 
 def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
@@ -405,7 +422,7 @@ class _StepLogger:
     if not first and step % self.config.train.log_every and step != self.last:
       return
     now = time.perf_counter()
-    host.update(step=step, lr=float(self.lr(step - self.first - 1)))
+    host.update(step=step, lr=float(self.lr(step - self.first - 1)), batch_size=batch)
     if not first:   # the first step after a (re)start includes compilation: throughput is timed from it on
       steps_per_s = (step - self.step_mark) / max(now - self.t_mark, 1e-9)
       c = self.config

@@ -75,6 +75,14 @@ def test_cascaded_keeps_the_step_budget():
   assert cas.train.stage1.weights.usage == e2e.train.stage1.weights.usage > 0   # same anti-collapse term
 
 
+def test_cascaded_moves_stage3_rows_not_steps_where_the_batches_differ():
+  c = config_lib.get_config("small")
+  c.train.stage3.batch_size = 2 * c.data.batch_size
+  stage2, stage3 = c.train.stage2.steps, c.train.stage3.steps
+  cas = config_lib.make_cascaded(c)
+  assert cas.train.stage2.steps == stage2 + 2 * stage3 and cas.train.stage3.steps == 0
+
+
 # One test per validate() rule: each breaks exactly one field and checks the message names it.
 RULES = [
     ("audio.win_length", lambda c: setattr(c.audio, "win_length", c.audio.n_fft + 1), "audio.win_length"),
@@ -110,6 +118,7 @@ RULES = [
     ("init networks", lambda c: setattr(c.train, "init_networks", "tokeniser,fm"),
      "train.init_networks names unknown network 'tokeniser' (did you mean 'tokenizer'"),
     ("steps", lambda c: setattr(c.train.stage1, "steps", -1), "train.stage1.steps"),
+    ("stage batch", lambda c: setattr(c.train.stage3, "batch_size", -2), "train.stage3.batch_size=-2"),
     ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
@@ -148,6 +157,11 @@ def test_validate_batch_versus_data_parallel(tiny_config):
   tiny_config.mesh.update(data=-1, fsdp=1, tensor=1)
   with pytest.raises(ConfigError, match="data.batch_size=6 is not divisible"):
     validate(tiny_config, num_devices=4)
+  tiny_config.data.batch_size = 8
+  tiny_config.train.stage3.batch_size = 6
+  with pytest.raises(ConfigError, match="train.stage3.batch_size=6 is not divisible"):
+    validate(tiny_config, num_devices=4)
+  tiny_config.data.batch_size = 6
   tiny_config.mesh.update(data=-1, fsdp=1, tensor=2)   # 2-way data parallel: 6 is fine
   validate(tiny_config, num_devices=4)
   assert config_lib.resolve_mesh_shape(tiny_config.mesh, 4) == (2, 1, 2)

@@ -52,3 +52,15 @@ def test_stage3_training_the_fm_adds_its_own_loss_and_not_a_trained_judge():
   c.train.stage3.update(trainable="llm,fm")
   c.train.stage3.weights.fm = 1.0
   assert flops.step_flops(c, info, 4, 100, "stage3") - llm_only == 3 * fwd["fm"]
+
+
+def test_train_flops_counts_each_stage_at_its_own_batch():
+  from e2etts_jax import config_lib
+  from e2etts_jax.system import DataInfo
+  c = config_lib.get_config("tiny")
+  info, frames = DataInfo.for_config(c), int(c.data.max_frames)
+  per_step = {s: flops.step_flops(c, info, 1, frames, s) for s in config_lib.STAGES}
+  assert all(flops.step_flops(c, info, 3, frames, s) == 3 * per_step[s] for s in config_lib.STAGES)   # linear in rows
+  before = flops.train_flops(c, info)
+  c.train.stage3.batch_size = 3 * c.data.batch_size
+  assert flops.train_flops(c, info) - before == 2 * c.train.stage3.steps * c.data.batch_size * per_step["stage3"]

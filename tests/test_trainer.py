@@ -90,6 +90,23 @@ def test_resume_on_another_mesh_continues_identically(tiny_shards, tmp_path):
   np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5)
 
 
+def test_a_stage_with_its_own_batch_trains_at_it_and_resumes_exactly(tiny_shards, tmp_path):
+  """train.stage3.batch_size: stage 3 trains at its own batch (a second iterator), and a run stopped at the stage
+  boundary or inside stage 3 continues with the same losses to the bit."""
+  c = tiny_train_config(tiny_shards, steps=(2, 0, 3))
+  c.train.stage3.batch_size = 2
+  mesh = _mesh((1, 1, 1))
+  full = trainer.train(c, str(tmp_path / "full"), progress=False, mesh=mesh)
+  assert {h["stage"]: int(h["batch_size"]) for h in full.history} == {"stage1": 4, "stage3": 2}
+  for stop in (2, 4):
+    workdir = str(tmp_path / f"stop{stop}")
+    assert trainer.train(c, workdir, progress=False, mesh=mesh, stop_after=stop).global_step == stop
+    rest = trainer.train(c, workdir, progress=False, mesh=mesh)
+    a, b = _losses(full.history), _losses(rest.history)
+    assert sorted(b) == list(range(stop + 1, 6))
+    assert [b[s] for s in b] == [a[s] for s in b]   # exact, not approximate
+
+
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
