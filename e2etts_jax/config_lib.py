@@ -496,6 +496,13 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   return c
 
 
+def get_path(c, key: str):
+  """The field at dotted `key` of config `c`, e.g. get_path(c, "train.stage1.steps"); `c` itself for ""."""
+  for part in key.split(".") if key else ():
+    c = c[part]
+  return c
+
+
 def apply_overrides(c: ml_collections.ConfigDict, overrides: Iterable[str] | dict) -> ml_collections.ConfigDict:
   """`a.b=v` overrides for notebooks and scripts (the CLIs use absl's `--config.a.b=v`).
 

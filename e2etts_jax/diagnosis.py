@@ -16,7 +16,6 @@ there is a failure to fit (capacity, budget, what the tokens keep), not to gener
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 from typing import Sequence
@@ -119,7 +118,7 @@ def recipe(c) -> str:
   rm.conv_kernel=7, llm.d_model=192'."""
   default = config_lib.base_config()
   size_default = config_lib.get_config(c.name, c.train.mode) if c.name in config_lib.SIZES else default
-  get = lambda node, key: functools.reduce(lambda n, k: n[k], key.split("."), node)
+  get = config_lib.get_path
   return ", ".join([f"d{c.fm.d_model} x {c.fm.num_layers} layers"]
                    + [f"{k.removeprefix('fm.')}={get(c, k)}" for k in RECIPE_KEYS if get(c, k) != get(default, k)]
                    + [f"{k}={get(c, k)}" for k in SIZE_RECIPE_KEYS if get(c, k) != get(size_default, k)])

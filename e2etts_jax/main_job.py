@@ -103,11 +103,8 @@ def apply_defaults(config: ml_collections.ConfigDict, overridden: Mapping[str, A
   for key, value in defaults.items():
     if key in overridden:
       continue
-    node, *path = key.split(".")
-    target = config[node]
-    for p in path[:-1]:
-      target = target[p]
-    target[path[-1]] = value
+    parent, _, field = key.rpartition(".")
+    config_lib.get_path(config, parent)[field] = value
     applied[key] = value
   if config.train.mode == "cascaded" and "train.stage3.steps" in applied:
     config_lib.cascade_stage3_steps(config)

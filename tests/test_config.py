@@ -174,11 +174,6 @@ def test_flatten_names_keys_as_overrides_do():
   assert flat["tokenizer.fsq_levels"] == list(c.tokenizer.fsq_levels)
   assert not any(isinstance(v, dict) for v in flat.values())
   # Every flattened key is one an override accepts: setting each to its own value changes nothing.
-  again = config_lib.apply_overrides(config_lib.get_config("tiny"), {k: _get(c, k) for k in flat})
+  again = config_lib.apply_overrides(config_lib.get_config("tiny"), {k: config_lib.get_path(c, k) for k in flat})
   assert again.to_json_best_effort() == c.to_json_best_effort()
 
-
-def _get(c, key):
-  for part in key.split("."):
-    c = c[part]
-  return c
