@@ -213,7 +213,7 @@ def base_config() -> ml_collections.ConfigDict:
       "b2": 0.98,
       "log_every": 20,
       "eval_every": 200,          # held-out losses every this many steps of a stage (and at its start and end)
-      "eval_batches": 4,          # test-split batches they are computed on (0 = none)
+      "eval_batches": 4,          # test-split batches they are computed on (0 = none, -1 = every full batch)
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
@@ -480,9 +480,11 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
     raise ConfigError(f"llm.align_heads={c.llm.align_heads} must be between 1 and llm.num_heads={c.llm.num_heads}")
   if c.llm.align_sigma <= 0:
     raise ConfigError(f"llm.align_sigma={c.llm.align_sigma} must be > 0")
-  for key in ("eval_every", "eval_batches"):
-    if c.train[key] < 0:
-      raise ConfigError(f"train.{key}={c.train[key]} must be >= 0 (0 turns held-out losses off)")
+  if c.train.eval_every < 0:
+    raise ConfigError(f"train.eval_every={c.train.eval_every} must be >= 0 (0 turns held-out losses off)")
+  if c.train.eval_batches < -1:
+    raise ConfigError(f"train.eval_batches={c.train.eval_batches} must be >= -1 (0 turns held-out losses off, "
+                      f"-1 reads every full batch of the test split)")
   if c.train.stage3.steps and "tokenizer" in parse_list(c.train.stage3.trainable):
     raise ConfigError("train.stage3.trainable must not include 'tokenizer': stage 3 optimises the LLM on "
                       "frozen tokens")

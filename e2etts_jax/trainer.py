@@ -344,15 +344,15 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 
 def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:
-  """The first `train.eval_batches` global batches of the test split, in a fixed order (none if that is 0, or if
-  the data has no test split: a warning says so and training goes on)."""
+  """The first `train.eval_batches` global batches of the test split, in a fixed order (every full one if that is
+  -1; none if it is 0, or if the data has no test split: a warning says so and training goes on)."""
   n = int(config.train.eval_batches)
-  if n <= 0:
+  if n == 0:
     return []
   try:   # full batches only: padded rows would enter the losses' means
     it = input_pipeline.make_global_iterator(config, mesh, "test", seed=config.seed, num_epochs=1, shuffle=False,
                                              drop_remainder=True)
-    return list(itertools.islice(it, n))
+    return list(itertools.islice(it, n if n > 0 else None))
   except ValueError as e:
     log.warning("train.eval_batches=%d, but no held-out losses: %s", n, e)
     return []

@@ -66,6 +66,17 @@ def test_held_out_losses_use_fixed_batches_and_draws(tiny_shards, tmp_path):
   assert [r["loss/fm"] for r in rows] == [r["loss/fm"] for r in result.evals]
 
 
+def test_held_out_batches_minus_one_reads_every_full_test_batch(tiny_shards):
+  c = tiny_train_config(tiny_shards)
+  c.data.batch_size = 1            # the 40-utterance corpus holds out 2
+  mesh = _mesh((1, 1, 1))
+  counts = {}
+  for n in (-1, 1, 5):
+    c.train.eval_batches = n
+    counts[n] = [b["mel"].shape[0] for b in trainer._eval_batches(c, mesh)]
+  assert counts == {-1: [1, 1], 1: [1], 5: [1, 1]}
+
+
 def test_cascaded_mode_runs_end_to_end(tiny_shards, tmp_path):
   c = tiny_train_config(tiny_shards, steps=(6, 4, 4), mode="cascaded")
   result = trainer.train(c, str(tmp_path / "run"), progress=False, mesh=_mesh((1, 1, 1)))
