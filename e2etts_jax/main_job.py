@@ -83,9 +83,9 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.stage3.weights.llm": 3.0,
     "train.log_every": 10,
     "train.eval_every": 100,
-    # Held-out losses on every full test batch (9 of 8 rows: 72 of the 77 held-out sentences) rather than the
-    # config's 4: stage 3 moves its terms by under 2% (the LLM's by under 0.1%), and on the batch-4 runs' 32 rows
-    # against 76 the sign of that move differed for 6 of 12 (seed, term) pairs (docs/diagnosis.md).
+    # Held-out losses on every full test batch (9 batches of 8: 72 of the 77 held-out sentences) rather than the
+    # config's 4: stage 3 moves the LLM's next-token loss by under 0.01 nats, and on the batch-4 runs' 32 rows
+    # against 76 the sign of stage 3's move differed for 6 of 12 (seed, term) pairs (docs/diagnosis.md).
     "train.eval_batches": -1,
     "train.checkpoint_every": 200,
     "train.keep_checkpoints": 2,
