@@ -193,7 +193,8 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "variant": variant, "seed": seed, "config": summary["config_name"], "mode": summary["mode"],
       "steps": summary["steps"], "study_steps": study_steps, "train_flops": train_flops,
       "overrides": list(overrides),
-      "batch_size": summary.get("batch_size"), "machine": provenance.machine(), "versions": provenance.versions(),
+      "batch_size": summary.get("batch_size"), "stage_batch_sizes": summary.get("stage_batch_sizes"),
+      "machine": provenance.machine(), "versions": provenance.versions(),
       "commit": commit,
       "date": datetime.date.today().isoformat(),
       "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],
@@ -275,6 +276,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
                              eval_items=eval_items, eval_seed=seed, progress=progress, overrides=overrides)
       summary["batch_size"] = int(c.data.batch_size)
+      summary["stage_batch_sizes"] = {s: config_lib.stage_batch_size(c, s) for s in config_lib.STAGES}
       res = run_results(summary, workdir, variant=v, seed=seed, commit=commit,
                         overrides=[f"{k}={val}" for k, val in sorted((overrides or {}).items())],
                         study_steps=study_steps, train_flops=flops.train_flops(c))
@@ -398,8 +400,13 @@ def _budget(r: Mapping) -> str:
 
 
 def _stages(r: Mapping) -> str:
-  s = r["steps"]
-  return f"{s['stage1']}/{s['stage2']}/{s['stage3']}"
+  """Steps per stage, '950/75/75', and the batch of each where a stage has its own (`train.<stage>.batch_size`):
+  '1900/150/75 x 4/4/8'."""
+  s, b = r["steps"], r.get("stage_batch_sizes") or {}
+  label = f"{s['stage1']}/{s['stage2']}/{s['stage3']}"
+  if any(b.get(k, r.get("batch_size")) != r.get("batch_size") for k in config_lib.STAGES):
+    label += " x " + "/".join(str(b.get(k, r.get("batch_size"))) for k in config_lib.STAGES)
+  return label
 
 
 def _num(x, fmt="{:.2f}") -> str:

@@ -129,6 +129,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert r["per_utterance_missed"]["resynthesis"] == pytest.approx({"a": 23.0, "b": 24.0, "c": 25.0})
   assert r["mel_mse"] == 3.0 and r["per_utterance_mel_mse"] == {"a": 3.0, "b": 3.1, "c": 3.2}
   assert r["speaker_first"] == {"tts": 0.75, "resynthesis": 1.0}
+  assert r["stage_batch_sizes"] == {s: c.data.batch_size for s in config_lib.STAGES}
   assert r["versions"]["numpy"] == np.__version__ and r["versions"]["jax"] == jax.__version__
   assert set(provenance.VERSIONED) < set(r["versions"])
   assert c.data.shards == os.path.join(str(tmp_path), "shards")   # shared by every run
@@ -150,6 +151,14 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   ablate.run_study(c, str(tmp_path), ["e2e", "cascaded", "cascaded_equal_flops"], [0], corpus_dir="x",
                    num_utterances=10, eval_items=3, progress=False)
   assert len(calls) == 5
+
+
+def test_stage_column_names_a_batch_only_where_a_stage_has_its_own():
+  row = {"steps": {"stage1": 1900, "stage2": 150, "stage3": 75}, "batch_size": 4}
+  assert ablate._stages(row) == "1900/150/75"   # saved before per-stage batches
+  assert ablate._stages({**row, "stage_batch_sizes": {"stage1": 4, "stage2": 4, "stage3": 4}}) == "1900/150/75"
+  assert (ablate._stages({**row, "stage_batch_sizes": {"stage1": 4, "stage2": 4, "stage3": 8}})
+          == "1900/150/75 x 4/4/8")
 
 
 def _row(variant, seed, tts, utt_wers, utt_mel=None, utt_missed=True):
