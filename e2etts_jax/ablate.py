@@ -275,8 +275,6 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
       c = variant_config(config, v, seed)
       summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
                              eval_items=eval_items, eval_seed=seed, progress=progress, overrides=overrides)
-      summary["batch_size"] = int(c.data.batch_size)
-      summary["stage_batch_sizes"] = {s: config_lib.stage_batch_size(c, s) for s in config_lib.STAGES}
       res = run_results(summary, workdir, variant=v, seed=seed, commit=commit,
                         overrides=[f"{k}={val}" for k, val in sorted((overrides or {}).items())],
                         study_steps=study_steps, train_flops=flops.train_flops(c))
@@ -402,11 +400,10 @@ def _budget(r: Mapping) -> str:
 def _stages(r: Mapping) -> str:
   """Steps per stage, '950/75/75', and the batch of each where a stage has its own (`train.<stage>.batch_size`):
   '1900/150/75 x 4/4/8'."""
-  s, b = r["steps"], r.get("stage_batch_sizes") or {}
-  label = f"{s['stage1']}/{s['stage2']}/{s['stage3']}"
-  if any(b.get(k, r.get("batch_size")) != r.get("batch_size") for k in config_lib.STAGES):
-    label += " x " + "/".join(str(b.get(k, r.get("batch_size"))) for k in config_lib.STAGES)
-  return label
+  b = r.get("stage_batch_sizes") or {}
+  batches = {k: b.get(k, r.get("batch_size")) for k in config_lib.STAGES}
+  # The table's budget column holds the batch already, so it is named here only where stages differ.
+  return config_lib.stages_label(r["steps"], batches if len(set(batches.values())) > 1 else None)
 
 
 def _num(x, fmt="{:.2f}") -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -322,6 +322,15 @@ def make_cascaded(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def stage_batch_size(c: ml_collections.ConfigDict, stage: str) -> int:
   """The global batch of `stage`'s training steps: train.<stage>.batch_size, or data.batch_size where that is 0."""
   return int(c.train[stage].batch_size) or int(c.data.batch_size)
+
+
+def stages_label(steps: Mapping[str, int], batch_sizes: Optional[Mapping[str, int]] = None) -> str:
+  """Steps per stage, '950/75/75', then each stage's batch where given: ' x 8' when they agree, ' x 4/4/8' when not."""
+  label = "/".join(str(steps[s]) for s in STAGES if s in steps)
+  if batch_sizes:
+    batches = [str(batch_sizes[s]) for s in STAGES if s in batch_sizes]
+    label += " x " + (batches[0] if len(set(batches)) == 1 else "/".join(batches))
+  return label
 
 
 def cascade_stage3_steps(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -263,6 +263,13 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
   return out
 
 
+def budget_of(config: ml_collections.ConfigDict) -> dict:
+  """What the summary records of the training budget: steps per stage, `data.batch_size`, and each stage's batch."""
+  return {"steps": {s: int(config.train[s].steps) for s in config_lib.STAGES},
+          "batch_size": int(config.data.batch_size),
+          "stage_batch_sizes": {s: config_lib.stage_batch_size(config, s) for s in config_lib.STAGES}}
+
+
 def _fmt(x, digits=2, pct=False) -> str:
   if x is None or (isinstance(x, float) and not math.isfinite(x)):
     return "-"
@@ -273,8 +280,9 @@ def summary_markdown(summary: Mapping) -> str:
   """The summary table (the same text is printed at the end of the job)."""
   ev = summary.get("eval", {})
   ceil_wer = (ev.get("ceiling") or {}).get("wer")
+  steps = config_lib.stages_label(summary["steps"], summary.get("stage_batch_sizes"))
   lines = ["# Main job summary", "", f"workdir: `{summary['workdir']}`  ", f"config: {summary['config_name']} "
-           f"(steps {summary['steps']}), corpus {summary['corpus']['utterances']} utterances "
+           f"(steps {steps}), corpus {summary['corpus']['utterances']} utterances "
            f"({summary['corpus']['hours']:.2f} h), test items scored: {summary.get('eval_items')}  "]
   if summary.get("overrides"):
     lines += ["overrides: " + ", ".join(f"{k}={v}" for k, v in summary["overrides"].items()) + "  "]
@@ -463,7 +471,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
   summary = {
       "workdir": workdir, "config_name": config.name, "mode": config.train.mode,
       "overrides": dict(overrides or {}),
-      "steps": {s: int(config.train[s].steps) for s in config_lib.STAGES},
+      **budget_of(config),
       "corpus": corpus_stats, "shards": {"counts": prep.get("counts"), "rejected": prep.get("rejected")},
       "eval_items": len(items),
       "eval": {k: _eval_summary(v) for k, v in res.items()},

@@ -106,8 +106,9 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   def fake_run(config, workdir, **kw):
     calls.append((config.train.mode, config.seed, kw["eval_seed"], os.path.basename(os.path.dirname(workdir))))
     given.append(kw["overrides"])
-    return _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
-                    ["a", "b", "c"], steps={s: int(config.train[s].steps) for s in config_lib.STAGES})
+    summary = _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
+                       ["a", "b", "c"])
+    return {**summary, **main_job.budget_of(config)}   # as the real run records its budget
 
   monkeypatch.setattr(main_job, "run", fake_run)
   c = config_lib.get_config("tiny")

@@ -178,3 +178,14 @@ def test_flatten_names_keys_as_overrides_do():
   again = config_lib.apply_overrides(config_lib.get_config("tiny"), {k: config_lib.get_path(c, k) for k in flat})
   assert again.to_json_best_effort() == c.to_json_best_effort()
 
+
+def test_stages_label_names_a_batch_per_stage_only_where_they_differ(tiny_config):
+  tiny_config.train.stage3.batch_size = 2 * tiny_config.data.batch_size
+  steps = {s: int(tiny_config.train[s].steps) for s in config_lib.STAGES}
+  batches = {s: config_lib.stage_batch_size(tiny_config, s) for s in config_lib.STAGES}
+  b = tiny_config.data.batch_size
+  s1, s2, s3 = (steps[s] for s in config_lib.STAGES)
+  assert config_lib.stages_label(steps) == f"{s1}/{s2}/{s3}"
+  assert config_lib.stages_label(steps, batches) == f"{s1}/{s2}/{s3} x {b}/{b}/{2 * b}"
+  assert config_lib.stages_label(steps, {**batches, "stage3": b}) == f"{s1}/{s2}/{s3} x {b}"
+  assert config_lib.stages_label({"stage1": 4}, {"stage1": 8}) == "4 x 8"

@@ -44,6 +44,15 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   assert tiny.to_dict() == config_lib.get_config("tiny").to_dict()
 
 
+def test_budget_of_records_each_stage_batch(tiny_config):
+  tiny_config.train.stage3.batch_size = 2 * tiny_config.data.batch_size
+  b = main_job.budget_of(tiny_config)
+  assert b["steps"] == {s: tiny_config.train[s].steps for s in config_lib.STAGES}
+  assert b["batch_size"] == tiny_config.data.batch_size
+  assert b["stage_batch_sizes"] == {"stage1": tiny_config.data.batch_size, "stage2": tiny_config.data.batch_size,
+                                    "stage3": 2 * tiny_config.data.batch_size}
+
+
 def test_pick_items_spreads_over_speakers():
   items = [EvalItem(f"{spk}_{i:06d}_abcdef12", "p", "/p.wav", "t", None)
            for spk in ("flite_awb", "flite_rms", "flite_slt") for i in range(5)]
@@ -104,7 +113,9 @@ def test_final_losses_and_summary_table(tmp_path):
       "final_losses": losses, "loss_keys": ["loss/total", "loss/fm"], "tts_code_perplexity": 5.0,
       "codebook_size": 27, "phases": {"train": 1.0}, "total_seconds": 2.0, "paths": {"x": "/y"}}
   md = main_job.summary_markdown(summary)
-  assert "overrides" not in md
+  assert "overrides" not in md and "(steps 4), corpus" in md
+  summary["stage_batch_sizes"] = {"stage1": 8}
+  assert "config: tiny (steps 4 x 8), corpus 10 utterances" in main_job.summary_markdown(summary)
   summary["overrides"] = {"train.stage3.trainable": "llm,fm", "data.join_prob": 0.5}
   md = main_job.summary_markdown(summary)
   assert "overrides: train.stage3.trainable=llm,fm, data.join_prob=0.5  \n" in md
