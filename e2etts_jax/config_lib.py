@@ -214,6 +214,9 @@ def base_config() -> ml_collections.ConfigDict:
       "log_every": 20,
       "eval_every": 200,          # held-out losses every this many steps of a stage (and at its start and end)
       "eval_batches": 4,          # test-split batches they are computed on (0 = none, -1 = every full batch)
+      # Sets of random draws (flow times, noise, CFG drops, Gumbel samples) each held-out value averages over: the
+      # draw-taking terms move between sets by more than a short stage moves them. Set 0 is the same at any count.
+      "eval_draws": 1,
       "checkpoint_every": 200,
       "keep_checkpoints": 3,
       "max_bad_steps": 5,         # consecutive NaN/Inf losses before aborting
@@ -490,7 +493,10 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   if c.llm.align_sigma <= 0:
     raise ConfigError(f"llm.align_sigma={c.llm.align_sigma} must be > 0")
   if c.train.eval_every < 0:
-    raise ConfigError(f"train.eval_every={c.train.eval_every} must be >= 0 (0 turns held-out losses off)")
+    raise ConfigError(f"train.eval_every={c.train.eval_every} must be >= 0 (0 reads held-out losses only at each "
+                      f"stage's start and end; train.eval_batches=0 turns them off)")
+  if c.train.eval_draws < 1:
+    raise ConfigError(f"train.eval_draws={c.train.eval_draws} must be >= 1 (sets of held-out random draws)")
   if c.train.eval_batches < -1:
     raise ConfigError(f"train.eval_batches={c.train.eval_batches} must be >= -1 (0 turns held-out losses off, "
                       f"-1 reads every full batch of the test split)")

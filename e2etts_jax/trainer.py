@@ -239,7 +239,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
 
     peak = perf.matmul_peak_flops()
     history: list[dict] = []
-    held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng)
+    held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng, draws=config.train.eval_draws)
     bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
     global_step, stage = start_global, plan[0][0]
@@ -359,27 +359,37 @@ def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:
 
 
 class _HeldOut:
-  """The stage's loss terms on fixed held-out batches with a fixed rng (the same flow times, noise, CFG drops and
+  """The stage's loss terms on fixed held-out batches with fixed rngs (the same flow times, noise, CFG drops and
   Gumbel draws every time), at each stage's start and end and every `train.eval_every` steps: unlike the training
   losses, whose batches and draws change every step, successive values differ only by what the parameters learnt.
+  Each value is the mean over the batches and over `draws` sets of draws: one set fixes the noise, but the terms
+  that take draws (the E2E speaker term most) differ between sets by more than a 75-step stage moves them, so a
+  single set can read a stage's fall as a rise. Set 0's keys are the same whatever `draws` is.
   Rows go to metrics.jsonl (split 'eval', with `stage` = 1, 2, 3) and to `rows`."""
 
-  def __init__(self, system: System, mesh, writer, batches: list[dict], rng: jax.Array):
+  def __init__(self, system: System, mesh, writer, batches: list[dict], rng: jax.Array, draws: int = 1):
     self.system, self.mesh, self.writer, self.batches = system, mesh, writer, batches
     self.rng = jax.random.fold_in(rng, 0x5EED)
+    self.draws = int(draws)
     self.fns: dict = {}
     self.rows: list[dict] = []
+
+  def key(self, draw: int, batch: int) -> jax.Array:
+    """The rng of one batch in one draw set: set 0's are fold_in(rng, batch), as before sets existed."""
+    key = jax.random.fold_in(self.rng, batch)
+    return key if draw == 0 else jax.random.fold_in(key, draw)
 
   def __call__(self, stage: str, step: int, params, params_shardings) -> None:
     if not self.batches:
       return
     per_batch = []
-    for i, batch in enumerate(self.batches):
-      key = (stage, batch["mel"].shape[1])
-      if key not in self.fns:
-        self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
-      metrics = self.fns[key](params, batch, jax.random.fold_in(self.rng, i))
-      per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/") or k in HELD_OUT_METRICS})
+    for d in range(self.draws):
+      for i, batch in enumerate(self.batches):
+        key = (stage, batch["mel"].shape[1])
+        if key not in self.fns:
+          self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
+        metrics = self.fns[key](params, batch, self.key(d, i))
+        per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/") or k in HELD_OUT_METRICS})
     # One transfer for all batches: the host waits once, not once per batch.
     host = [_host(m) for m in jax.device_get(per_batch)]
     row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}

@@ -120,6 +120,7 @@ RULES = [
     ("steps", lambda c: setattr(c.train.stage1, "steps", -1), "train.stage1.steps"),
     ("stage batch", lambda c: setattr(c.train.stage3, "batch_size", -2), "train.stage3.batch_size=-2"),
     ("eval batches", lambda c: setattr(c.train, "eval_batches", -2), "train.eval_batches=-2 must be >= -1"),
+    ("eval draws", lambda c: setattr(c.train, "eval_draws", 0), "train.eval_draws=0 must be >= 1"),
     ("warmup", lambda c: setattr(c.train.stage2, "warmup_steps", 1000), "train.stage2.warmup_steps"),
     ("weights", lambda c: c.train.stage2.weights.update({k: 0.0 for k in config_lib.LOSS_TERMS}), "all zero"),
     ("stage3 tokenizer", lambda c: setattr(c.train.stage3, "trainable", "llm,tokenizer"), "stage3.trainable"),
