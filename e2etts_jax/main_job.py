@@ -317,7 +317,9 @@ def summary_markdown(summary: Mapping) -> str:
     lines += ["", f"resynthesis mel MSE (ground truth -> tokenizer -> FM, log-mel units^2, the scored sentences): "
                   f"{summary['resynthesis_mel_mse']:.3f}"]
   held = all(v.get("trend") for v in summary["final_losses"].values())
-  lines += ["", "Losses: " + ("held-out, at each stage's start -> end (fixed test batches and random draws)." if held
+  draws = int(summary.get("eval_draws", 1))   # summaries written before train.eval_draws read one set
+  draws_s = "one fixed set of random draws" if draws == 1 else f"the mean over {draws} fixed sets of random draws"
+  lines += ["", "Losses: " + (f"held-out, at each stage's start -> end (fixed test batches; {draws_s})." if held
                               else "mean over the first -> the last third of each stage's logged training steps."),
             "",
             "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step | speech share |",
@@ -478,6 +480,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "workdir": workdir, "config_name": config.name, "mode": config.train.mode,
       "overrides": dict(overrides or {}),
       **budget_of(config),
+      "eval_draws": int(config.train.eval_draws),
       "corpus": corpus_stats, "shards": {"counts": prep.get("counts"), "rejected": prep.get("rejected")},
       "eval_items": len(items),
       "eval": {k: _eval_summary(v) for k, v in res.items()},

@@ -169,7 +169,10 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
   assert "nats per token; near 0, the LLM ignores its text): stage1 0.000 -> 0.500\n" in md
   assert "first -> the last third" in md   # not every stage has held-out rows
   losses.pop("stage2")
-  assert "held-out, at each stage's start -> end" in main_job.summary_markdown(summary)
+  assert "held-out, at each stage's start -> end (fixed test batches; one fixed set of random draws)" in \
+      main_job.summary_markdown(summary)
+  summary["eval_draws"] = 4
+  assert "(fixed test batches; the mean over 4 fixed sets of random draws)" in main_job.summary_markdown(summary)
 
 
 def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
