@@ -385,10 +385,10 @@ class _HeldOut:
     per_batch = []
     for d in range(self.draws):
       for i, batch in enumerate(self.batches):
-        key = (stage, batch["mel"].shape[1])
-        if key not in self.fns:
-          self.fns[key] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
-        metrics = self.fns[key](params, batch, self.key(d, i))
+        shape = (stage, batch["mel"].shape[1])   # one compiled eval step per stage and bucket length
+        if shape not in self.fns:
+          self.fns[shape] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
+        metrics = self.fns[shape](params, batch, self.key(d, i))
         per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/") or k in HELD_OUT_METRICS})
     # One transfer for all batches: the host waits once, not once per batch.
     host = [_host(m) for m in jax.device_get(per_batch)]
