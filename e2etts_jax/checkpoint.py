@@ -41,9 +41,6 @@ class Checkpointer:
 
   def restore(self, step: int, abstract_state: Any, data_iterator: Any = None) -> tuple[Any, dict]:
     """(state placed per `abstract_state`'s shardings, meta); also rewinds `data_iterator` in place."""
-    if step not in self.manager.all_steps():
-      raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
-                            f"(have: {sorted(self.manager.all_steps()) or 'none'})")
     meta = self.restore_meta(step)
     args = {STATE: ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
@@ -55,6 +52,9 @@ class Checkpointer:
     return restored[STATE], meta
 
   def restore_meta(self, step: int) -> dict:
+    if step not in self.manager.all_steps():
+      raise CheckpointError(f"no checkpoint for step {step} in {self.directory} "
+                            f"(have: {sorted(self.manager.all_steps()) or 'none'})")
     return self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
 
   def wait(self) -> None:

@@ -224,7 +224,7 @@ def speaker_ranking(embed: Callable[[str], np.ndarray], items: list, wav_dirs: M
 def final_losses(workdir: str) -> dict[str, dict[str, float]]:
   """{stage: {metric: last logged value}} for the loss terms, code usage and throughput of each stage ('step_s',
   and 'speech_share': the mean over its logged steps of the share of padded mel frames that hold speech), plus
-  'early/<loss>' and 'late/<loss>': the held-out values (trainer._HeldOut: fixed batches and draws) at the stage's
+  'early/<loss>' and 'late/<loss>': the held-out values (held_out.HeldOut: fixed batches and draws) at the stage's
   start and end where the run has them ('trend': 1.0), else the mean of each loss term over the first and the last
   third of the stage's logged training steps ('trend': 0.0; single-batch values are noisy, the FM's most: its flow
   time is drawn per batch)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import json
 import logging
 import os
@@ -24,15 +23,11 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from e2etts_jax import (checkpoint, config_lib, flops, input_pipeline, metric_writer, optim, perf, sharding,
-                        train_step)
+from e2etts_jax import (checkpoint, config_lib, flops, held_out, input_pipeline, metric_writer, optim, perf,
+                        sharding, train_step)
 from e2etts_jax.system import DataInfo, System
 
 log = logging.getLogger(__name__)
-
-# Held-out metrics kept beside the loss terms (objectives.loss_fn computes them only with train=False).
-HELD_OUT_METRICS = ("llm/text_gain",)
-
 
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
@@ -46,7 +41,7 @@ class TrainResult:
   stage: str
   history: list[dict]             # one dict of host metrics per logged step
   preempted: bool = False
-  evals: list[dict] = dataclasses.field(default_factory=list)   # held-out loss rows (see _HeldOut)
+  evals: list[dict] = dataclasses.field(default_factory=list)   # held-out loss rows (held_out.HeldOut)
 
 
 def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
@@ -239,7 +234,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
 
     peak = perf.matmul_peak_flops()
     history: list[dict] = []
-    held_out = _HeldOut(system, mesh, writer, _eval_batches(config, mesh), rng, draws=config.train.eval_draws)
+    held = held_out.HeldOut(system, mesh, writer, held_out.eval_batches(config, mesh), rng,
+                            draws=config.train.eval_draws)
     bar = tqdm(total=total_steps, initial=start_global, disable=not progress or jax.process_index() != 0,
                desc="train", unit="step", dynamic_ncols=True)
     global_step, stage = start_global, plan[0][0]
@@ -263,7 +259,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         step_fns: dict = {}
         logger = _StepLogger(writer, config, info, stage, first, steps, peak, bar, history, ckpt.directory)
         if global_step == first:
-          held_out(stage, global_step, state.params, shard_tree.params)
+          held(stage, global_step, state.params, shard_tree.params)
         for _ in range(global_step - first, steps):
           batch = next(train_iter)
           frames = batch["mel"].shape[1]
@@ -278,7 +274,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
           stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
           if global_step == first + steps or (config.train.eval_every and
                                               (global_step - first) % config.train.eval_every == 0):
-            held_out(stage, global_step, state.params, shard_tree.params)
+            held(stage, global_step, state.params, shard_tree.params)
           ckpt.save(global_step, state, train_iter, meta, force=global_step == first + steps or stopping)
           if stopping:
             break
@@ -292,7 +288,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     if writer.enabled and history:
       metric_writer.plot_loss_curves(workdir)
     return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
-                       preempted=preemption.requested, evals=held_out.rows)
+                       preempted=preemption.requested, evals=held.rows)
   finally:
     writer.close()
 
@@ -341,61 +337,6 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
   return (f"this config differs from the one that wrote it ({path}) in {len(changed)} key(s): "
           f"{'; '.join(changed)}. Resume with that config, or start another workdir "
           f"(train.init_from takes its parameters)")
-
-
-def _eval_batches(config: ml_collections.ConfigDict, mesh) -> list[dict]:
-  """The first `train.eval_batches` global batches of the test split, in a fixed order (every full one if that is
-  -1; none if it is 0, or if the data has no test split: a warning says so and training goes on)."""
-  n = int(config.train.eval_batches)
-  if n == 0:
-    return []
-  try:   # full batches only: padded rows would enter the losses' means
-    it = input_pipeline.make_global_iterator(config, mesh, "test", seed=config.seed, num_epochs=1, shuffle=False,
-                                             drop_remainder=True)
-    return list(itertools.islice(it, n if n > 0 else None))
-  except ValueError as e:
-    log.warning("train.eval_batches=%d, but no held-out losses: %s", n, e)
-    return []
-
-
-class _HeldOut:
-  """The stage's loss terms on fixed held-out batches with fixed rngs (the same flow times, noise, CFG drops and
-  Gumbel draws every time), at each stage's start and end and every `train.eval_every` steps: unlike the training
-  losses, whose batches and draws change every step, successive values differ only by what the parameters learnt.
-  Each value is the mean over the batches and over `draws` sets of draws: one set fixes the noise, but the terms
-  that take draws (the E2E speaker term most) differ between sets by more than a 75-step stage moves them, so a
-  single set can read a stage's fall as a rise. Set 0's keys are the same whatever `draws` is.
-  Rows go to metrics.jsonl (split 'eval', with `stage` = 1, 2, 3) and to `rows`."""
-
-  def __init__(self, system: System, mesh, writer, batches: list[dict], rng: jax.Array, draws: int = 1):
-    self.system, self.mesh, self.writer, self.batches = system, mesh, writer, batches
-    self.rng = jax.random.fold_in(rng, 0x5EED)
-    self.draws = int(draws)
-    self.fns: dict = {}
-    self.rows: list[dict] = []
-
-  def key(self, draw: int, batch: int) -> jax.Array:
-    """The rng of one batch in one draw set: set 0's are fold_in(rng, batch), as before sets existed."""
-    key = jax.random.fold_in(self.rng, batch)
-    return key if draw == 0 else jax.random.fold_in(key, draw)
-
-  def __call__(self, stage: str, step: int, params, params_shardings) -> None:
-    if not self.batches:
-      return
-    per_batch = []
-    for d in range(self.draws):
-      for i, batch in enumerate(self.batches):
-        shape = (stage, batch["mel"].shape[1])   # one compiled eval step per stage and bucket length
-        if shape not in self.fns:
-          self.fns[shape] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
-        metrics = self.fns[shape](params, batch, self.key(d, i))
-        per_batch.append({k: v for k, v in metrics.items() if k.startswith("loss/") or k in HELD_OUT_METRICS})
-    # One transfer for all batches: the host waits once, not once per batch.
-    host = [_host(m) for m in jax.device_get(per_batch)]
-    row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}
-    row["stage"] = float(config_lib.STAGES.index(stage) + 1)
-    self.writer.scalars(step, row, prefix="eval")
-    self.rows.append({"step": step, **row})
 
 
 class _StepLogger:

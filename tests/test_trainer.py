@@ -66,47 +66,6 @@ def test_held_out_losses_use_fixed_batches_and_draws(tiny_shards, tmp_path):
   assert [r["loss/fm"] for r in rows] == [r["loss/fm"] for r in result.evals]
 
 
-def test_held_out_losses_average_over_draw_sets(tiny_shards, tmp_path):
-  """train.eval_draws=2: each held-out value is the mean of two draw sets' values. Set 0 is the single-set reading
-  (its keys do not depend on the count); the sets differ on a term that takes draws (the FM's flow times and
-  noise) and agree exactly on one that takes none (the LLM's next-token loss)."""
-  c = tiny_train_config(tiny_shards, steps=(2, 0, 0))
-  c.data.batch_size = 2
-  c.train.update(eval_batches=1, eval_draws=2)
-  mesh = _mesh((1, 1, 1))
-  result = trainer.train(c, str(tmp_path / "run"), progress=False, mesh=mesh)
-  _, shard_tree = train_step.state_shardings(result.system, optim.make_optimizer(c, "stage1"), mesh)
-  batches, off = trainer._eval_batches(c, mesh), metric_writer.MetricWriter(str(tmp_path), enabled=False)
-  two = trainer._HeldOut(result.system, mesh, off, batches, jax.random.key(c.seed), draws=2)
-
-  def read(draw=None):   # one held-out pass on one draw set (None: the single-set pass as it runs by default)
-    held = trainer._HeldOut(result.system, mesh, off, batches, jax.random.key(c.seed))
-    if draw is not None:
-      held.key = lambda _, i: two.key(draw, i)
-    held("stage1", 2, result.state.params, shard_tree.params)
-    return held.rows[0]
-
-  sets = [read(0), read(1)]
-  assert read() == sets[0]
-  assert sets[0]["loss/fm"] != sets[1]["loss/fm"]
-  assert sets[0]["loss/llm"] == sets[1]["loss/llm"]
-  end = result.evals[-1]
-  assert int(end["step"]) == 2
-  for k in ("loss/fm", "loss/llm", "loss/rm", "loss/total"):
-    assert end[k] == pytest.approx((sets[0][k] + sets[1][k]) / 2, rel=1e-6), k
-
-
-def test_held_out_batches_minus_one_reads_every_full_test_batch(tiny_shards):
-  c = tiny_train_config(tiny_shards)
-  c.data.batch_size = 1            # the 40-utterance corpus holds out 2
-  mesh = _mesh((1, 1, 1))
-  counts = {}
-  for n in (-1, 1, 5):
-    c.train.eval_batches = n
-    counts[n] = [b["mel"].shape[0] for b in trainer._eval_batches(c, mesh)]
-  assert counts == {-1: [1, 1], 1: [1], 5: [1, 1]}
-
-
 def test_cascaded_mode_runs_end_to_end(tiny_shards, tmp_path):
   c = tiny_train_config(tiny_shards, steps=(6, 4, 4), mode="cascaded")
   result = trainer.train(c, str(tmp_path / "run"), progress=False, mesh=_mesh((1, 1, 1)))

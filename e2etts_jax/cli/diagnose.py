@@ -7,6 +7,8 @@
   e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
   e2etts-diagnose --collect D --baseline STUDY   # ... with each study's paired resynthesis WER against STUDY's
                                                  # (and, for recipes run with several seeds, paired over seeds)
+  e2etts-diagnose --workdir W --held_out_steps 2050,2200 --held_out_stage stage3 --draws 64 [--out D]
+      # how far each held-out loss term moved between two checkpoints, against its spread over 64 draw sets
 
 Scores the judge (pocketsphinx) on the ground truth, its spectral envelope, the FM prior of its tokens and their
 resynthesis, for the same sentences; writes OUT/diagnosis.md (the table), OUT/diagnosis.json and each variant's
@@ -40,6 +42,14 @@ flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAG
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
 flag_parsing.define_inference_flag(FLAGS)
+flags.DEFINE_list("held_out_steps", None, "Instead of diagnosing: re-read the run's held-out loss terms at these "
+                  "checkpoint steps (held_out.reread) and print each term's move from the first to the last.",
+                  flag_values=FLAGS)
+flags.DEFINE_string("held_out_stage", None, "With --held_out_steps: whose loss terms to read (default: each "
+                    "checkpoint's own stage; a stage's first checkpoint was written by the stage before).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("draws", 4, "With --held_out_steps: draw sets to read (set d as train.eval_draws's d-th).",
+                     flag_values=FLAGS)
 flags.DEFINE_string("collect", None, "Instead of diagnosing: render every DIR/*/diagnosis.json as one table, "
                     "then the recipes run with several training seeds (into --md, else stdout).", flag_values=FLAGS)
 flags.DEFINE_string("md", None, "With --collect: the markdown file to write the table into.", flag_values=FLAGS)
@@ -65,9 +75,48 @@ def _collect_from_flags() -> int:
   return 0
 
 
+def _held_out_from_flags() -> int:
+  import json
+  from e2etts_jax import checkpoint, config_lib, held_out, perf
+  if not FLAGS.workdir:
+    raise app.UsageError("--held_out_steps needs --workdir")
+  stage = FLAGS.held_out_stage
+  if stage is not None and stage not in config_lib.STAGES:
+    raise app.UsageError(f"--held_out_stage={stage!r}: choose from {', '.join(config_lib.STAGES)}")
+  try:
+    steps = [int(s) for s in FLAGS.held_out_steps]
+  except ValueError as e:
+    raise app.UsageError(f"--held_out_steps={','.join(FLAGS.held_out_steps)}: steps are integers") from e
+  perf.enable_compilation_cache()
+  try:
+    read = held_out.reread(FLAGS.workdir, steps, stage=stage, draws=FLAGS.draws, progress=FLAGS.progress)
+  except (checkpoint.CheckpointError, ValueError) as e:
+    raise app.UsageError(str(e)) from e
+  first, last = steps[0], steps[-1]
+  moved = held_out.moves(read[first], read[last])
+  lines = [f"{FLAGS.workdir}: held-out terms at steps {first} -> {last} ({stage or 'each checkpoint its own stage'}), "
+           f"{FLAGS.draws} draw sets", "",
+           f"| term | step {first} | step {last} | move | move SE | sets rising |", "|---|---|---|---|---|---|"]
+  for k, m in moved.items():
+    se = "-" if m["move_se"] is None else f"{m['move_se']:.4f}"
+    lines.append(f"| {k} | {m['start']:.4f} | {m['end']:.4f} | {m['move']:+.4f} | {se} | "
+                 f"{m['sets_rising']} of {m['sets']} |")
+  print("\n".join(lines))
+  if FLAGS.out:
+    os.makedirs(FLAGS.out, exist_ok=True)
+    path = os.path.join(FLAGS.out, "held_out.json")
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump({"workdir": FLAGS.workdir, "stage": stage, "draws": FLAGS.draws, "moves": moved,
+                 "sets": {str(s): v for s, v in read.items()}}, f, indent=1)
+    print(f"[e2etts-diagnose] wrote {path}")
+  return 0
+
+
 def _diagnose_from_flags() -> int:
   if FLAGS.collect:
     return _collect_from_flags()
+  if FLAGS.held_out_steps:
+    return _held_out_from_flags()
   for name in ("workdir", "manifest", "out"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
