@@ -45,7 +45,8 @@ class HeldOut:
   `train.eval_every` steps. Each value is the mean over the batches and over `draws` sets of draws: one set fixes
   the noise, but the terms that take draws (the E2E speaker term most) differ between sets by more than a 75-step
   stage moves them, so a single set can read a stage's fall as a rise. Set 0's keys are the same whatever `draws`
-  is. Rows go to the writer (split 'eval', with `stage` = 1, 2, 3) and to `rows`."""
+  is. Rows go to the writer (split 'eval', with `stage` = 1, 2, 3) and to `rows`; with several sets, each set's
+  values go to the JSONL log too (split 'eval_set', with `stage` and `draw`), for `moves`."""
 
   def __init__(self, system, mesh, writer, batches: list[dict], rng: jax.Array, draws: int = 1):
     self.system, self.mesh, self.writer, self.batches = system, mesh, writer, batches
@@ -79,11 +80,16 @@ class HeldOut:
   def __call__(self, stage: str, step: int, params, params_shardings) -> None:
     if not self.batches:
       return
-    host = [m for one_set in self.read(stage, params, params_shardings) for m in one_set]
+    per_set = self.read(stage, params, params_shardings)
+    host = [m for one_set in per_set for m in one_set]
     row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}
     row["stage"] = float(config_lib.STAGES.index(stage) + 1)
     self.writer.scalars(step, row, prefix="eval")
     self.rows.append({"step": step, **row})
+    if self.draws > 1:   # each set's own values, so a stage's move can be set against its spread over the sets
+      for d, values in enumerate(set_means(per_set)):
+        self.writer.scalars(step, {**values, "stage": row["stage"], "draw": float(d)}, prefix="eval_set",
+                            tensorboard=False)
 
 
 def set_means(per_set: list[list[dict]]) -> list[dict]:

@@ -231,6 +231,7 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
   from e2etts_jax import metric_writer
   rows = metric_writer.read_metrics(workdir)
   evals = metric_writer.read_metrics(workdir, split="eval")
+  sets = metric_writer.read_metrics(workdir, split="eval_set")
   config = json.load(open(os.path.join(workdir, "config.json")))
   bounds, start = {}, 0
   for stage in ("stage1", "stage2", "stage3"):
@@ -256,6 +257,8 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
         late = [r[k] for r in stage_rows[-third:] if k in r]
       if early and late:
         keep[f"early/{k}"], keep[f"late/{k}"] = sum(early) / len(early), sum(late) / len(late)
+    if keep["trend"]:
+      keep.update(_move_errors(sets, held[0]["step"], held[-1]["step"], held[0]["stage"]))
     if keep["trend"] and "llm/text_gain" in held[0] and "llm/text_gain" in held[-1]:
       keep["early/llm/text_gain"], keep["late/llm/text_gain"] = held[0]["llm/text_gain"], held[-1]["llm/text_gain"]
     sps = [r["steps_per_s"] for r in stage_rows if r.get("steps_per_s")]
@@ -267,6 +270,22 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
     keep["step"] = last["step"]
     out[stage] = keep
   return out
+
+
+def _move_errors(set_rows: list[dict], first: int, last: int, stage: float) -> dict[str, float]:
+  """{'move_se/<loss>': standard error over the draw sets of each term's move from held-out step `first` to `last`,
+  'move_sets': how many sets} from the per-set rows (split 'eval_set'); empty where the run read one set. A resumed run may log a read twice:
+  the last row of each set wins."""
+  from e2etts_jax import held_out
+  ends = []
+  for step in (first, last):
+    by_draw = {int(r["draw"]): r for r in set_rows if r["step"] == step and r["stage"] == stage}
+    ends.append([by_draw[d] for d in sorted(by_draw)])
+  if len(ends[0]) < 2 or len(ends[0]) != len(ends[1]):
+    return {}
+  strip = lambda rows: [{k: v for k, v in r.items() if k.startswith("loss/")} for r in rows]
+  moved = held_out.moves(*map(strip, ends))
+  return {"move_sets": float(len(ends[0])), **{f"move_se/{k}": m["move_se"] for k, m in moved.items()}}
 
 
 def budget_of(config: ml_collections.ConfigDict) -> dict:
@@ -331,11 +350,16 @@ def summary_markdown(summary: Mapping) -> str:
       first, last = vals.get(f"early/{k}"), vals.get(f"late/{k}")
       cells.append(_fmt(vals.get(k), 3) if first is None or last is None else f"{first:.3f} -> {last:.3f}")
       if first is not None and last is not None and last >= first:
-        rose.append(f"{stage} {k}")
+        se = vals.get(f"move_se/{k}")
+        rose.append(f"{stage} {k}" + (f" (by {last - first:.4f}; standard error {se:.4f} over "
+                                      f"{int(vals['move_sets'])} draw sets)" if se is not None else ""))
     lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} | "
                  + (f"{100 * vals['speech_share']:.0f}% |" if "speech_share" in vals else "- |"))
   lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
+  if rose and held:
+    lines += ["", "(`e2etts-diagnose --workdir W --held_out_steps FIRST,LAST --held_out_stage STAGE --draws 64` "
+                  "re-reads a stage's terms on more draw sets)"]
   gains = [f"{stage} {v['early/llm/text_gain']:.3f} -> {v['late/llm/text_gain']:.3f}"
            for stage, v in summary["final_losses"].items() if "late/llm/text_gain" in v]
   if gains:

@@ -24,11 +24,12 @@ class MetricWriter:
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
 
-  def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train") -> None:
+  def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train", tensorboard: bool = True) -> None:
+    """One JSONL row (split `prefix`) and, unless `tensorboard` is False, one TensorBoard scalar per value."""
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in values.items()}
-    for k, v in clean.items():
+    for k, v in clean.items() if tensorboard else ():
       self._tb.add_scalar(f"{prefix}/{k}", v, step)
     self._jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
     self._jsonl.flush()

@@ -106,3 +106,20 @@ def test_diagnose_cli_writes_the_moves(run, tmp_path, capsys):
   for bad, message in [("--held_out_stage=stage4", "choose from stage1"), ("--held_out_steps=2,x", "integers")]:
     with pytest.raises(app.UsageError, match=message):
       cli.main(["e2etts-diagnose", f"--workdir={workdir}", "--held_out_steps=2,4", bad])
+
+
+def test_each_draw_set_is_logged_and_gives_the_summary_its_spread(run):
+  """With several draw sets training logs each set's values (split 'eval_set'): they are what `reread` reads, and
+  the main job's summary takes each stage's move's standard error over them."""
+  from e2etts_jax import main_job, metric_writer
+  workdir, logged = run
+  rows = [r for r in metric_writer.read_metrics(workdir, split="eval_set") if (r["step"], r["stage"]) == (4, 2.0)]
+  assert [int(r["draw"]) for r in rows] == [0, 1]
+  read = held_out.reread(workdir, [2, 4], stage="stage2", draws=2, progress=False)
+  for r, values in zip(rows, read[4]):
+    for k, v in values.items():
+      assert r[k] == pytest.approx(v, rel=1e-6), k
+  se = main_job.final_losses(workdir)["stage2"]
+  for k, m in held_out.moves(read[2], read[4]).items():
+    if k.startswith("loss/"):
+      assert se[f"move_se/{k}"] == pytest.approx(m["move_se"], rel=1e-4, abs=1e-7), k

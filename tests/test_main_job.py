@@ -153,11 +153,18 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
   rows += [{"step": s, "split": "eval", "stage": 1.0, "loss/fm": 3.0 - s / 2, "llm/text_gain": s / 8}
            for s in (0, 2, 4)]
   rows += [{"step": 4, "split": "eval", "stage": 2.0, "loss/fm": 0.9}]
+  # Stage 1's two draw sets at its start and end (split 'eval_set'); step 4's set 1 was read twice (a resumed run):
+  # the later row counts. Moves -2.3 and -1.7: standard error 0.3.
+  rows += [{"step": s, "split": "eval_set", "stage": 1.0, "draw": float(d), "loss/fm": v}
+           for s, d, v in [(0, 0, 3.5), (0, 1, 2.5), (4, 1, 9.0), (4, 0, 1.2), (4, 1, 0.8)]]
+  rows += [{"step": 4, "split": "eval_set", "stage": 2.0, "draw": 0.0, "loss/fm": 7.0}]   # another stage's read
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   losses = main_job.final_losses(str(tmp_path))
   assert losses["stage1"]["trend"] == 1.0 and losses["stage2"]["trend"] == 0.0
   assert (losses["stage1"]["early/loss/fm"], losses["stage1"]["late/loss/fm"]) == (3.0, 1.0)
   assert (losses["stage2"]["early/loss/fm"], losses["stage2"]["late/loss/fm"]) == (5.0, 6.0)
+  assert losses["stage1"]["move_se/loss/fm"] == pytest.approx(0.3) and losses["stage1"]["move_sets"] == 2.0
+  assert not any(k.startswith("move_") for k in losses["stage2"])   # no held-out rows there
   summary = {"workdir": "w", "config_name": "tiny", "steps": {}, "eval_items": 0,
              "corpus": {"utterances": 1, "hours": 0.0}, "eval": {}, "final_losses": losses,
              "loss_keys": ["loss/fm"], "codebook_size": 27, "phases": {}, "total_seconds": 0.0, "paths": {}}
@@ -173,6 +180,11 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
       main_job.summary_markdown(summary)
   summary["eval_draws"] = 4
   assert "(fixed test batches; the mean over 4 fixed sets of random draws)" in main_job.summary_markdown(summary)
+  assert "re-reads a stage's terms on more draw sets" not in main_job.summary_markdown(summary)
+  losses["stage1"]["late/loss/fm"] = 3.5   # a rise, with its spread over the draw sets beside it
+  md = main_job.summary_markdown(summary)
+  assert "did not fall: stage1 loss/fm (by 0.5000; standard error 0.3000 over 2 draw sets)\n" in md
+  assert "--held_out_steps FIRST,LAST --held_out_stage STAGE --draws 64` re-reads a stage's terms" in md
 
 
 def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
