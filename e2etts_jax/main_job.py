@@ -344,7 +344,7 @@ def summary_markdown(summary: Mapping) -> str:
             "",
             "| stage | step | " + " | ".join(summary["loss_keys"]) + " | code perplexity | s/step | speech share |",
             "|---|---|" + "---|" * (len(summary["loss_keys"]) + 3)]
-  rose = []
+  rose, noisy = [], []
   for stage, vals in summary["final_losses"].items():
     cells = []
     for k in summary["loss_keys"]:
@@ -352,15 +352,25 @@ def summary_markdown(summary: Mapping) -> str:
       cells.append(_fmt(vals.get(k), 3) if first is None or last is None else f"{first:.3f} -> {last:.3f}")
       if first is not None and last is not None and last >= first:
         se = vals.get(f"move_se/{k}")
-        rose.append(f"{stage} {k}" + (f" (by {last - first:.4f}; standard error {se:.4f} over "
-                                      f"{int(vals['move_sets'])} draw sets)" if se is not None else ""))
+        if se is None:
+          rose.append(f"{stage} {k}")
+        elif se == 0:   # the same on every set of draws: no noise to read it against
+          rose.append(f"{stage} {k} (by {last - first:.4f}; the term takes no draws)")
+        else:
+          rose.append(f"{stage} {k} (by {last - first:.4f}; standard error {se:.4f} over "
+                      f"{int(vals['move_sets'])} draw sets)")
+          noisy.append(stage)
     lines.append(f"| {stage} | {int(vals['step'])} | " + " | ".join(cells)
                  + f" | {_fmt(vals.get('codes/perplexity'), 1)} | {_fmt(vals.get('step_s'), 2)} | "
                  + (f"{100 * vals['speech_share']:.0f}% |" if "speech_share" in vals else "- |"))
   lines += ["", "every loss term fell within its stage" if not rose else "did not fall: " + ", ".join(rose)]
-  if rose and held:
-    lines += ["", "(`e2etts-diagnose --workdir W --held_out_steps FIRST,LAST --held_out_stage STAGE --draws 64` "
-                  "re-reads a stage's terms on more draw sets)"]
+  if noisy:
+    stage = noisy[-1]
+    n = [int(summary["steps"].get(s, 0)) for s in config_lib.STAGES]
+    first = sum(n[:config_lib.STAGES.index(stage)])
+    last = first + n[config_lib.STAGES.index(stage)]
+    lines += ["", f"(to read {stage}'s moves on 64 draw sets: `e2etts-diagnose --workdir {summary['workdir']} "
+                  f"--held_out_steps {first},{last} --held_out_stage {stage} --draws 64`)"]
   gains = [f"{stage} {v['early/llm/text_gain']:.3f} -> {v['late/llm/text_gain']:.3f}"
            for stage, v in summary["final_losses"].items() if "late/llm/text_gain" in v]
   if gains:

@@ -180,11 +180,16 @@ def test_final_losses_prefer_held_out_rows(tmp_path):
       main_job.summary_markdown(summary)
   summary["eval_draws"] = 4
   assert "(fixed test batches; the mean over 4 fixed sets of random draws)" in main_job.summary_markdown(summary)
-  assert "re-reads a stage's terms on more draw sets" not in main_job.summary_markdown(summary)
+  assert "e2etts-diagnose" not in main_job.summary_markdown(summary)
   losses["stage1"]["late/loss/fm"] = 3.5   # a rise, with its spread over the draw sets beside it
+  summary["steps"] = {"stage1": 4, "stage2": 2, "stage3": 0}
   md = main_job.summary_markdown(summary)
   assert "did not fall: stage1 loss/fm (by 0.5000; standard error 0.3000 over 2 draw sets)\n" in md
-  assert "--held_out_steps FIRST,LAST --held_out_stage STAGE --draws 64` re-reads a stage's terms" in md
+  assert ("(to read stage1's moves on 64 draw sets: `e2etts-diagnose --workdir w --held_out_steps 0,4 "
+          "--held_out_stage stage1 --draws 64`)") in md
+  losses["stage1"]["move_se/loss/fm"] = 0.0   # a term that takes no draws moves alike on every set
+  md = main_job.summary_markdown(summary)
+  assert "did not fall: stage1 loss/fm (by 0.5000; the term takes no draws)\n" in md and "e2etts-diagnose" not in md
 
 
 def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
