@@ -14,6 +14,7 @@ import logging
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -73,7 +74,7 @@ class HeldOut:
         shape = (stage, batch["mel"].shape[1], len(sets))   # one compiled eval step per stage, bucket and chunk
         if shape not in self.fns:
           self.fns[shape] = train_step.make_eval_step(self.system, stage, self.mesh, params_shardings, batch)
-        metrics = self.fns[shape](params, batch, jax.numpy.stack([self.key(d, i) for d in sets]))
+        metrics = self.fns[shape](params, batch, jnp.stack([self.key(d, i) for d in sets]))
         outs.append((sets, i, {k: v for k, v in metrics.items() if k.startswith("loss/") or k in METRICS}))
     # One transfer for all batches: the host waits once, not once per batch.
     host = jax.device_get([m for _, _, m in outs])
@@ -118,8 +119,7 @@ def reread(workdir: str, steps: Sequence[int], *, stage: str | None = None, draw
   from tqdm.auto import tqdm
   if draws < 1:
     raise ValueError(f"draws={draws}: read at least one draw set")
-  out = {}
-  held, batches = None, None
+  out, held = {}, None
   for step in tqdm(list(steps), desc="held-out re-read", unit="ckpt", disable=not progress):
     system, params, meta = trainer.load_trained(workdir, step, mesh=mesh)
     config = system.config

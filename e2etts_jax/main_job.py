@@ -275,8 +275,8 @@ def final_losses(workdir: str) -> dict[str, dict[str, float]]:
 
 def _move_errors(set_rows: list[dict], first: int, last: int, stage: float) -> dict[str, float]:
   """{'move_se/<loss>': standard error over the draw sets of each term's move from held-out step `first` to `last`,
-  'move_sets': how many sets} from the per-set rows (split 'eval_set'); empty where the run read one set. A resumed run may log a read twice:
-  the last row of each set wins."""
+  'move_sets': how many sets} from the per-set rows (split 'eval_set'); empty where the run read one set. A
+  resumed run may log a read twice: the last row of each set wins."""
   from e2etts_jax import held_out
   ends = []
   for step in (first, last):
