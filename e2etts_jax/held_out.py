@@ -87,14 +87,13 @@ class HeldOut:
   def __call__(self, stage: str, step: int, params, params_shardings) -> None:
     if not self.batches:
       return
-    per_set = self.read(stage, params, params_shardings)
-    host = [m for one_set in per_set for m in one_set]
-    row = {k: sum(m[k] for m in host) / len(host) for k in host[0]}
+    means = set_means(self.read(stage, params, params_shardings))   # every set holds the same batches
+    row = {k: sum(m[k] for m in means) / len(means) for k in means[0]}
     row["stage"] = float(config_lib.STAGES.index(stage) + 1)
     self.writer.scalars(step, row, prefix="eval")
     self.rows.append({"step": step, **row})
     if self.draws > 1:   # each set's own values, so a stage's move can be set against its spread over the sets
-      for d, values in enumerate(set_means(per_set)):
+      for d, values in enumerate(means):
         self.writer.scalars(step, {**values, "stage": row["stage"], "draw": float(d)}, prefix="eval_set",
                             tensorboard=False)
 

@@ -29,6 +29,7 @@ from e2etts_jax.system import DataInfo, System
 
 log = logging.getLogger(__name__)
 
+
 class TrainingError(RuntimeError):
   """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
