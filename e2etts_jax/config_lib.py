@@ -101,6 +101,13 @@ def base_config() -> ml_collections.ConfigDict:
       # where both fit data.max_frames and the text limits: fewer padded frames per step and new sentence
       # pairs for the LLM. 0 = every row is one utterance.
       "join_prob": 0.0,
+      # Dynamic batching (CosyVoice's max_frames_in_batch, per length bucket): a training batch of bucket F holds
+      # data.batch_size * data.max_frames / F rows, rounded down to a multiple of data.batch_multiple, so every
+      # batch pads to at most data.batch_size * data.max_frames frames and short utterances fill more rows
+      # instead of padding. Each (bucket, stage) pair compiles once. Training split only: held-out batches keep
+      # data.batch_size rows.
+      "dynamic_batch": False,
+      "batch_multiple": 1,        # rows of a dynamic batch divide by this (the mesh's batch shards must divide it)
       "num_workers": 0,           # grain worker processes (0 = in-process)
       "prefetch": 2,
       "shuffle_seed": 0,
@@ -456,6 +463,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
                       f"data.max_frames={d.max_frames}")
   if not 0.0 <= d.join_prob <= 1.0:
     raise ConfigError(f"data.join_prob={d.join_prob} must be in [0, 1]")
+  if d.batch_multiple < 1 or (d.dynamic_batch and d.batch_size % d.batch_multiple):
+    raise ConfigError(f"data.batch_multiple={d.batch_multiple} must be >= 1 and, with data.dynamic_batch, divide "
+                      f"data.batch_size={d.batch_size}")
+  if d.dynamic_batch and d.join_prob > 0:
+    # A joined row's length is drawn each epoch, so the rows per bucket (and the batches per epoch, which the
+    # resumable plan needs fixed) would change from epoch to epoch.
+    raise ConfigError(f"data.dynamic_batch=True cannot be combined with data.join_prob={d.join_prob}: set one "
+                      f"of them off")
   if d.min_seconds >= d.max_seconds:
     raise ConfigError(f"data.min_seconds={d.min_seconds} must be below data.max_seconds={d.max_seconds}")
   max_tokens = d.max_frames // c.tokenizer.downsample

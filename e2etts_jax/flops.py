@@ -69,7 +69,8 @@ def step_flops(config: ml_collections.ConfigDict, info: DataInfo, batch: int, fr
 
 def train_flops(config: ml_collections.ConfigDict, info: DataInfo | None = None) -> float:
   """Analytic FLOPs of a whole training run: each stage's steps x its joint step at the padded batch shape
-  [stage batch (`config_lib.stage_batch_size`), data.max_frames] (what equal-compute comparisons match).
+  [stage batch (`config_lib.stage_batch_size`), data.max_frames] (what equal-compute comparisons match; with
+  `data.dynamic_batch` that shape is the frame budget every batch stays within, so an upper bound).
   info: the config's own sizes (`DataInfo.for_config`) unless given."""
   info = info or DataInfo.for_config(config)
   frames = int(config.data.max_frames)

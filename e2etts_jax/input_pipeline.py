@@ -6,11 +6,12 @@ shuffled. Leftovers of a bucket (fewer than a batch) are carried up into the nex
 `num_records % batch_size` records are dropped (different ones each epoch) while padding stays bounded by the
 bucket widths. With `data.join_prob` a training row may hold two utterances of one speaker, joined with a token
 of silence between (`JoinSpec`): each record still anchors one row per epoch, so the count of batches stays fixed,
-while fewer frames are padding and the LLM reads sentence pairs it never saw together. The plan is a pure function
-of (seed, epoch), so a `grain.MapDataset` of batch positions (`range(batches_per_epoch).repeat(num_epochs)`)
-mapped to "load + pad my rows of global batch i" is deterministic, needs no shuffle buffers, and its iterator
-state is a single index: checkpoints are tiny and a restored iterator yields exactly the batches the
-uninterrupted one would have.
+while fewer frames are padding and the LLM reads sentence pairs it never saw together. With `data.dynamic_batch`
+a training batch of a shorter bucket holds more rows (`BatchPlan.bucket_rows`), so every batch pads to about the
+same number of frames. The plan is a pure function of (seed, epoch), so a `grain.MapDataset` of batch positions
+(`range(batches_per_epoch).repeat(num_epochs)`) mapped to "load + pad my rows of global batch i" is
+deterministic, needs no shuffle buffers, and its iterator state is a single index: checkpoints are tiny and a
+restored iterator yields exactly the batches the uninterrupted one would have.
 
 Multi-host: every process computes the same plan and takes rows [p * B/P, (p+1) * B/P) of every global batch,
 so all processes step in lockstep with identical shapes (the frame length F of a batch comes from the index,
@@ -152,29 +153,53 @@ class BatchPlan:
     lengths: [num_records] mel frames per record (data-source order).
     eligible: record indices that may be used (others are never planned).
     boundaries: increasing frame lengths a batch may be padded to.
-    global_batch: rows per global batch.
+    global_batch: rows per global batch (with `dynamic`, per batch of the longest bucket).
     bucketing: group by length bucket (True) or batch a plain permutation (False; each batch is still padded
       to the smallest boundary that fits its longest row, so both modes share the same shapes).
     join: where given, every row is still anchored on one record (each eligible record anchors one row per
       epoch, so the count of batches is unchanged), and with probability `join.prob` a random partner that fits
       (`JoinSpec`) is appended to it; rows are bucketed by their joined length.
+    dynamic: a batch cut from bucket k holds global_batch * boundaries[-1] / boundaries[k] rows, rounded down to
+      a multiple of `multiple`, and is padded to boundaries[k] (`bucket_rows`, `rows_for`): every batch pads to at
+      most global_batch * boundaries[-1] frames. Needs bucketing and no joining (a joined row's length, so its
+      bucket, changes every epoch).
   """
 
   _JOIN_TRIES = 4  # partner draws per anchor before it stays alone (a long anchor has few that fit)
 
   def __init__(self, lengths: np.ndarray, eligible: np.ndarray, boundaries: tuple[int, ...], global_batch: int,
                *, seed: int, shuffle: bool = True, drop_remainder: bool = True, bucketing: bool = True,
-               join: JoinSpec | None = None):
+               join: JoinSpec | None = None, dynamic: bool = False, multiple: int = 1):
     self.lengths = np.asarray(lengths, np.int64)
     self.eligible = np.asarray(eligible, np.int64)
     self.boundaries = np.asarray(boundaries, np.int64)
     self.global_batch = int(global_batch)
     self.seed, self.shuffle, self.drop_remainder, self.bucketing = int(seed), shuffle, drop_remainder, bucketing
     self.join = join if join is not None and join.prob > 0 else None
-    n, b = len(self.eligible), self.global_batch
+    self.dynamic = bool(dynamic)
+    if self.dynamic and (not bucketing or self.join is not None):
+      raise ValueError("dynamic batches need bucketing and rows that are not joined")
+    # [num_boundaries] rows of a batch cut from each bucket.
+    if self.dynamic:
+      if multiple < 1 or self.global_batch % multiple:
+        raise ValueError(f"dynamic batches: the row multiple {multiple} must divide the batch {self.global_batch}")
+      self.bucket_rows = self.global_batch * self.boundaries[-1] // self.boundaries // multiple * multiple
+    else:
+      self.bucket_rows = np.full(len(self.boundaries), self.global_batch, np.int64)
     # The count is the same every epoch (only the final partial batch can be dropped), which lets the
-    # MapDataset map a step index to (epoch, batch) with plain arithmetic.
-    self.batches_per_epoch = n // b if drop_remainder else -(-n // b)
+    # MapDataset map a step index to (epoch, batch) with plain arithmetic. Without dynamic batches it is
+    # n // global_batch (rounded up when the partial batch is kept); with them it follows the buckets' sizes,
+    # which do not change between epochs.
+    n, b = len(self.eligible), self.global_batch
+    if self.dynamic:
+      sizes = np.bincount(np.searchsorted(self.boundaries, self.lengths[self.eligible], side="left"),
+                          minlength=len(self.boundaries))
+      count, carry = 0, 0
+      for size, rows in zip(sizes, self.bucket_rows):
+        count, carry = count + (carry + size) // rows, (carry + size) % rows
+      self.batches_per_epoch = count + (0 if drop_remainder or not carry else 1)
+    else:
+      self.batches_per_epoch = n // b if drop_remainder else -(-n // b)
     self._cache: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
   def __getstate__(self):
@@ -214,40 +239,51 @@ class BatchPlan:
   def _bucket_len(self, row_lengths: np.ndarray) -> int:
     return int(self.boundaries[np.searchsorted(self.boundaries, int(row_lengths.max()), side="left")])
 
+  def rows_for(self, frames: int) -> int:
+    """Rows of a global batch padded to `frames` (a boundary)."""
+    return int(self.bucket_rows[np.searchsorted(self.boundaries, frames, side="left")])
+
   def epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows [batches_per_epoch, global_batch] anchor record indices, -1 = padding row; partners, the same shape,
-    -1 = none; frames [batches_per_epoch])."""
+    """(rows [batches_per_epoch, max(bucket_rows)] anchor record indices, -1 = padding row; partners, the same
+    shape, -1 = none; frames [batches_per_epoch]). Batch i is rows[i, :rows_for(frames[i])] (the columns past it
+    are -1 with dynamic batches only)."""
     if epoch in self._cache:
       return self._cache[epoch]
     rng = np.random.default_rng([self.seed, epoch])
     b = self.global_batch
+    home = []  # with dynamic batches, the bucket each group was cut from: its frame length
     partner = self.partners(epoch)
     row_len = self.lengths + np.where(partner >= 0, self.lengths[partner] + (self.join.gap if self.join else 0), 0)
     if self.bucketing:
       bucket = np.searchsorted(self.boundaries, row_len[self.eligible], side="left")
       groups, carry = [], np.zeros([0], np.int64)
-      for k in range(len(self.boundaries)):
+      for k, rows_k in enumerate(self.bucket_rows):
         members = self.eligible[bucket == k]
         if self.shuffle:
           members = rng.permutation(members)
         members = np.concatenate([carry, members])
-        full = len(members) // b * b
-        groups += list(members[:full].reshape(-1, b))
+        full = len(members) // rows_k * rows_k
+        groups += list(members[:full].reshape(-1, rows_k))
+        home += [k] * (full // rows_k)
         carry = members[full:]
       if len(carry):
         groups.append(carry)
+        home.append(len(self.boundaries) - 1)
     else:
       order = rng.permutation(self.eligible) if self.shuffle else self.eligible
       groups = [order[i:i + b] for i in range(0, len(order), b)]
-    if self.drop_remainder and groups and len(groups[-1]) < b:
+    if self.drop_remainder and groups and len(groups[-1]) < self.bucket_rows[-1]:
       groups.pop()
-    if self.shuffle:
-      groups = [groups[i] for i in rng.permutation(len(groups))]
-    rows = np.full([len(groups), b], -1, np.int64)
+    assert len(groups) == self.batches_per_epoch, (len(groups), self.batches_per_epoch)
+    order = rng.permutation(len(groups)) if self.shuffle else np.arange(len(groups))
+    rows = np.full([len(groups), int(self.bucket_rows.max())], -1, np.int64)
     frames = np.zeros([len(groups)], np.int64)
-    for i, g in enumerate(groups):
+    for i, j in enumerate(order):
+      g = groups[j]
       rows[i, :len(g)] = g
-      frames[i] = self._bucket_len(row_len[g])
+      # A dynamic batch keeps its bucket's length even when it holds only rows carried up from shorter buckets:
+      # its row count is the bucket's, and `rows_for` reads the count back from the length.
+      frames[i] = self.boundaries[home[j]] if self.dynamic else self._bucket_len(row_len[g])
     partners = np.where(rows >= 0, partner[rows], -1)
     if len(self._cache) >= 2:  # the pipeline only ever straddles one epoch boundary
       self._cache.pop(min(self._cache))
@@ -259,7 +295,8 @@ class BatchPlan:
     batches_per_epoch)."""
     epoch, i = divmod(step, self.batches_per_epoch)
     rows, partners, frames = self.epoch(epoch)
-    return rows[i], partners[i], int(frames[i])
+    n = self.rows_for(int(frames[i]))
+    return rows[i, :n], partners[i, :n], int(frames[i])
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -272,8 +309,7 @@ class _LoadBatch(grain.transforms.MapWithIndex):
                max_text: int, max_ctc: int, aux_cols: list[int], *, silence: float, ctc_sep: tuple[int, ...]):
     self.source = grain.sources.ArrayRecordDataSource(paths)
     self.plan = plan
-    self.local = plan.global_batch // process_count
-    self.offset = process_index * self.local
+    self.process_index, self.process_count = process_index, process_count
     self.n_mels, self.max_text, self.max_ctc, self.aux_cols = n_mels, max_text, max_ctc, aux_cols
     self.silence, self.ctc_sep = float(silence), np.asarray(ctc_sep, np.int32)
 
@@ -288,9 +324,9 @@ class _LoadBatch(grain.transforms.MapWithIndex):
   def map_with_index(self, index: int, element: Any) -> dict[str, np.ndarray]:
     del element  # the position in the epoch is recomputed from the global index
     rows, partners, frames = self.plan.batch(index)
-    mine = rows[self.offset:self.offset + self.local]
-    theirs = partners[self.offset:self.offset + self.local]
-    b = self.local
+    b = len(rows) // self.process_count
+    mine = rows[self.process_index * b:(self.process_index + 1) * b]
+    theirs = partners[self.process_index * b:(self.process_index + 1) * b]
     out = {
         "mel": np.zeros([b, frames, self.n_mels], np.float32), "mel_mask": np.zeros([b, frames], bool),
         "text_ids": np.zeros([b, self.max_text], np.int32), "text_mask": np.zeros([b, self.max_text], bool),
@@ -330,7 +366,7 @@ def _record_speakers(paths: list[str], num_records: int) -> np.ndarray:
 def make_plan(config, split: str, *, seed: int, shuffle: bool = True, drop_remainder: bool | None = None,
               bucketing: bool = True, shards_dir: str | None = None) -> BatchPlan:
   """The `BatchPlan` that `make_dataset` reads with the same arguments (see there); training rows are joined
-  (`data.join_prob`) only for the shuffled 'train' split."""
+  (`data.join_prob`) or batched by frames (`data.dynamic_batch`) only for the shuffled 'train' split."""
   shards_dir = shards_dir or config.data.shards
   drop_remainder = (split == "train") if drop_remainder is None else drop_remainder
   d = config.data
@@ -357,8 +393,10 @@ def make_plan(config, split: str, *, seed: int, shuffle: bool = True, drop_remai
                     max_frames=boundaries[-1], max_text=int(config.text.max_text_tokens),
                     max_ctc=int(config.text.max_ctc_len), gap=int(config.tokenizer.downsample),
                     sep=len(text_lib.ctc_separator(config)))
+  dynamic = bool(split == "train" and shuffle and bucketing and d.dynamic_batch)
   plan = BatchPlan(frames, np.flatnonzero(ok), boundaries, d.batch_size, seed=seed, shuffle=shuffle,
-                   drop_remainder=drop_remainder, bucketing=bucketing, join=join)
+                   drop_remainder=drop_remainder, bucketing=bucketing, join=join, dynamic=dynamic,
+                   multiple=int(d.batch_multiple))
   if plan.batches_per_epoch == 0:
     raise ValueError(f"{split}: {int(ok.sum())} usable records make no full batch of data.batch_size="
                      f"{d.batch_size}")
@@ -389,6 +427,9 @@ def make_dataset(config, split: str, *, seed: int, process_index: int | None = N
   d = config.data
   if d.batch_size % process_count:
     raise ValueError(f"data.batch_size={d.batch_size} is not divisible by the process count {process_count}")
+  if split == "train" and d.dynamic_batch and d.batch_multiple % process_count:
+    raise ValueError(f"data.batch_multiple={d.batch_multiple} (the rows of dynamic batches divide by it) is not "
+                     f"divisible by the process count {process_count}")
   plan = make_plan(config, split, seed=seed, shuffle=shuffle, drop_remainder=drop_remainder, bucketing=bucketing,
                    shards_dir=shards_dir)
   load = _LoadBatch(dataset_info(shards_dir)["shards"][split], plan, process_index, process_count,
@@ -423,13 +464,17 @@ class _ToGlobal(grain.transforms.Map):
 def make_global_iterator(config, mesh: jax.sharding.Mesh, split: str = "train", *, seed: int,
                          num_epochs: int | None = None, shuffle: bool = True, drop_remainder: bool | None = None,
                          shards_dir: str | None = None) -> grain.DatasetIterator:
-  """An iterator of global batches: dicts of jax.Arrays with leading dim data.batch_size, sharded over the
-  batch axes of `mesh`. It is a `grain.DatasetIterator`: checkpoint it with `iterator_save_args` /
-  `iterator_restore_args` (module docstring)."""
+  """An iterator of global batches: dicts of jax.Arrays with leading dim data.batch_size (with
+  `data.dynamic_batch`, a multiple of it: `BatchPlan.bucket_rows`), sharded over the batch axes of `mesh`. It is
+  a `grain.DatasetIterator`: checkpoint it with `iterator_save_args` / `iterator_restore_args` (module
+  docstring)."""
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.data.batch_size % shards:
     raise ValueError(f"data.batch_size={config.data.batch_size} is not divisible by the mesh's batch shards "
                      f"(data*fsdp = {shards})")
+  if split == "train" and config.data.dynamic_batch and config.data.batch_multiple % shards:
+    raise ValueError(f"data.batch_multiple={config.data.batch_multiple} (the rows of dynamic batches divide by it) "
+                     f"is not divisible by the mesh's batch shards (data*fsdp = {shards})")
   ds = make_dataset(config, split, seed=seed, num_epochs=num_epochs, shuffle=shuffle,
                     drop_remainder=drop_remainder, shards_dir=shards_dir)
   # The device transfer runs in this process after prefetching, so the iterator state stays the count of

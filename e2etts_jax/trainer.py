@@ -263,14 +263,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
           held(stage, global_step, state.params, shard_tree.params)
         for _ in range(global_step - first, steps):
           batch = next(train_iter)
-          frames = batch["mel"].shape[1]
-          if frames not in step_fns:   # one compile per bucket length
-            step_fns[frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
-          state, metrics = step_fns[frames](state, batch, rng)
+          rows, frames = batch["mel"].shape[:2]
+          if (rows, frames) not in step_fns:   # one compile per bucket (its length, and with dynamic batches rows)
+            step_fns[rows, frames] = train_step.make_train_step(system, tx, stage, mesh, shard_tree, batch)
+          state, metrics = step_fns[rows, frames](state, batch, rng)
           global_step += 1
           bar.update(1)
           # Metrics are read one step late, so the host never waits on the step it just dispatched.
-          logger.push((global_step, metrics, batch["mel"].shape[0], frames))
+          logger.push((global_step, metrics, rows, frames))
           meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
           stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
           if global_step == first + steps or (config.train.eval_every and
@@ -342,7 +342,8 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
 
 class _StepLogger:
   """Reads each step's metrics one step late, checks the non-finite counter, and logs every `log_every` steps
-  (and a stage's last step) with throughput and MFU measured over the steps since the previous log."""
+  (and a stage's last step) with throughput and MFU measured over the steps since the previous log (summed step by
+  step: with dynamic batches the steps between two logs have different shapes)."""
 
   def __init__(self, writer, config, info, stage, first, steps, peak, bar, history, ckpt_dir):
     self.writer, self.config, self.info, self.stage = writer, config, info, stage
@@ -351,6 +352,8 @@ class _StepLogger:
     self.lr = optim.schedule(config, stage)
     self.pending = None
     self.t_mark, self.step_mark = time.perf_counter(), None
+    self.flop_cache: dict = {}
+    self.since = {"flops": 0.0, "frames": 0}   # analytic FLOPs and padded mel frames of the steps since the mark
 
   def push(self, item) -> None:
     if self.pending is not None:
@@ -370,20 +373,26 @@ class _StepLogger:
           f"{int(host['bad_steps'])} consecutive steps had a non-finite loss or gradient (stage {self.stage}, "
           f"step {step}); their updates were skipped and the last good checkpoint in {self.ckpt_dir} is intact. "
           f"Lower train.{self.stage}.learning_rate or check the data.")
+    c = self.config
+    if (batch, frames) not in self.flop_cache:
+      self.flop_cache[batch, frames] = flops.step_flops(c, self.info, batch, frames, self.stage)
+    self.since["flops"] += self.flop_cache[batch, frames]
+    self.since["frames"] += batch * frames
     first = self.step_mark is None
-    if not first and step % self.config.train.log_every and step != self.last:
+    if not first and step % c.train.log_every and step != self.last:
       return
     now = time.perf_counter()
     host.update(step=step, lr=float(self.lr(step - self.first - 1)), batch_size=batch)
     if not first:   # the first step after a (re)start includes compilation: throughput is timed from it on
-      steps_per_s = (step - self.step_mark) / max(now - self.t_mark, 1e-9)
-      c = self.config
+      seconds = max(now - self.t_mark, 1e-9)
+      steps_per_s = (step - self.step_mark) / seconds
       host.update(
           steps_per_s=steps_per_s,
-          tokens_per_s=steps_per_s * batch * frames / c.tokenizer.downsample,
-          audio_s_per_s=steps_per_s * batch * frames * c.audio.hop_length / c.audio.sample_rate,
-          mfu=flops.step_flops(c, self.info, batch, frames, self.stage) * steps_per_s / self.peak)
+          tokens_per_s=self.since["frames"] / c.tokenizer.downsample / seconds,
+          audio_s_per_s=self.since["frames"] * c.audio.hop_length / c.audio.sample_rate / seconds,
+          mfu=self.since["flops"] / seconds / self.peak)
       self.bar.set_postfix(stage=self.stage, loss=f"{host['loss/total']:.3f}", sps=f"{steps_per_s:.2f}")
     self.t_mark, self.step_mark = now, step
+    self.since = {"flops": 0.0, "frames": 0}
     self.writer.scalars(step, host)
     self.history.append({"stage": self.stage, **host})

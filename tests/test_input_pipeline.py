@@ -196,6 +196,101 @@ def test_bucketing_reduces_padding(shards):
   assert bucketed < plain - 0.1 and bucketed < 0.35
 
 
+def _dynamic_config(shards, batch_size=2, multiple=2):
+  c = _config(shards)
+  c.data.update(batch_size=batch_size, dynamic_batch=True, batch_multiple=multiple)
+  return c
+
+
+def test_dynamic_plan_holds_more_rows_in_shorter_buckets(shards):
+  index = input_pipeline.load_index(str(shards), "train")
+  frames = np.asarray(index["num_frames"])
+  plan = input_pipeline.make_plan(_dynamic_config(shards), "train", seed=3)
+  fixed = input_pipeline.make_plan(_config(shards), "train", seed=3)
+  np.testing.assert_array_equal(plan.bucket_rows, [8, 4, 2])   # 2 * 200 // (50, 100, 200)
+  # The count per epoch follows from the buckets' sizes: rows carried up from a bucket fill the next one's batches.
+  sizes = [int(((lo < frames) & (frames <= hi)).sum()) for lo, hi in zip((0, 50, 100), (50, 100, 200))]
+  count, carry = 0, 0
+  for size, rows in zip(sizes, (8, 4, 2)):
+    count, carry = count + (carry + size) // rows, (carry + size) % rows
+  assert plan.batches_per_epoch == count
+  # Fewer batches per epoch than 2 rows each would take: the shorter buckets' batches hold more rows.
+  assert plan.batches_per_epoch < NUM_TRAIN // 2
+  seen = []
+  for epoch in range(3):
+    rows, partners, lens = plan.epoch(epoch)
+    assert len(rows) == plan.batches_per_epoch and (partners == -1).all()
+    used = []
+    for step in range(plan.batches_per_epoch):
+      r, _, f = plan.batch(epoch * plan.batches_per_epoch + step)
+      assert f == lens[step] and len(r) == plan.rows_for(f) == 2 * (200 // f)
+      assert (r >= 0).all() and frames[r].max() <= f and len(r) * f <= 2 * 200   # within the frame budget
+      assert (rows[step, len(r):] == -1).all()
+      used += list(r)
+    assert len(set(used)) == len(used) >= NUM_TRAIN - 1   # each record once; at most a partial last batch of 2 dropped
+    seen.append(used)
+  assert seen[0] != seen[1]   # reshuffled every epoch
+  # The same seed's plan is the same; the held-out split and an unshuffled read keep fixed batches.
+  np.testing.assert_array_equal(input_pipeline.make_plan(_dynamic_config(shards), "train", seed=3).epoch(1)[0],
+                                plan.epoch(1)[0])
+  for split, shuffle in (("test", False), ("train", False)):
+    other = input_pipeline.make_plan(_dynamic_config(shards), split, seed=3, shuffle=shuffle)
+    assert not other.dynamic and set(other.bucket_rows) == {2}
+  assert not fixed.dynamic and fixed.batches_per_epoch == NUM_TRAIN // 8
+  with pytest.raises(ValueError, match="dynamic batches need bucketing"):
+    input_pipeline.BatchPlan(frames, np.arange(len(frames)), (50, 100, 200), 2, seed=0, bucketing=False,
+                             dynamic=True)
+  # Rows are the frame budget over the bucket's length, rounded down to the row multiple.
+  for multiple, expected in ((1, [16, 13, 4]), (2, [16, 12, 4]), (4, [16, 12, 4])):
+    odd = input_pipeline.BatchPlan(frames, np.arange(len(frames)), (50, 60, 200), 4, seed=0, dynamic=True,
+                                   multiple=multiple)
+    np.testing.assert_array_equal(odd.bucket_rows, expected)
+    assert (odd.bucket_rows * odd.boundaries <= 4 * 200).all()
+  with pytest.raises(ValueError, match="the row multiple 3 must divide the batch 4"):
+    input_pipeline.BatchPlan(frames, np.arange(len(frames)), (50, 60, 200), 4, seed=0, dynamic=True, multiple=3)
+
+
+def test_dynamic_batches_load_their_rows_and_split_over_processes(shards):
+  c = _dynamic_config(shards)
+  plan = input_pipeline.make_plan(c, "train", seed=4)
+  n = plan.batches_per_epoch + 2   # into the next epoch
+  index = input_pipeline.load_index(str(shards), "train")
+  whole = _take(input_pipeline.make_dataset(c, "train", seed=4, process_index=0, process_count=1), n)
+  parts = [_take(input_pipeline.make_dataset(c, "train", seed=4, process_index=p, process_count=2), n)
+           for p in range(2)]
+  assert len({b["mel"].shape for b in whole}) > 1
+  for step, (b, p0, p1) in enumerate(zip(whole, *parts)):
+    rows, _, f = plan.batch(step)
+    assert b["mel"].shape[:2] == (len(rows), f) and b["valid"].all()
+    np.testing.assert_array_equal(b["mel_mask"].sum(1), np.asarray(index["num_frames"])[rows])
+    for k in b:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), b[k], err_msg=k)
+
+
+def test_dynamic_batches_resume_exactly_through_orbax(shards, tmp_path):
+  c = _dynamic_config(shards, batch_size=8, multiple=8)   # one row per fake device in the longest bucket
+  mesh = sharding.make_mesh(c.mesh)
+  it = input_pipeline.make_global_iterator(c, mesh, "train", seed=1)
+  first = _take(it, 2)
+  assert {b["mel"].shape[0] for b in first} <= {8, 16, 32}
+  mngr = ocp.CheckpointManager(tmp_path / "ckpt")
+  mngr.save(2, args=ocp.args.Composite(data_iter=input_pipeline.iterator_save_args(it)))
+  mngr.wait_until_finished()
+  assert input_pipeline.make_plan(c, "train", seed=1).batches_per_epoch < 2 + 5
+  expected = _take(it, 5)   # past the end of the epoch
+  it.close()
+  fresh = input_pipeline.make_global_iterator(c, mesh, "train", seed=1)
+  ocp.CheckpointManager(tmp_path / "ckpt").restore(2, args=ocp.args.Composite(
+      data_iter=input_pipeline.iterator_restore_args(fresh)))
+  _assert_same(_take(fresh, 5), expected)
+  # Rows that the mesh's batch shards (or the processes) cannot split are refused before any batch is read.
+  c.data.batch_multiple = 4
+  with pytest.raises(ValueError, match=r"data.batch_multiple=4 .* mesh's batch shards \(data\*fsdp = 8\)"):
+    input_pipeline.make_global_iterator(c, mesh, "train", seed=1)
+  with pytest.raises(ValueError, match="data.batch_multiple=4 .* process count 8"):
+    input_pipeline.make_dataset(c, "train", seed=1, process_index=0, process_count=8)
+
+
 def _joined_config(shards, prob=1.0):
   c = _config(shards)
   c.data.join_prob = prob
