@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
 import pytest
 
-from e2etts_jax import checkpoint, config_lib, input_pipeline, metric_writer, optim, sharding, train_step, trainer
+from e2etts_jax import (checkpoint, config_lib, flops, input_pipeline, metric_writer, optim, sharding, train_step,
+                        trainer)
 from tests.conftest import tiny_train_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,6 +131,34 @@ def test_dynamic_batches_train_their_rows_per_bucket_and_resume_exactly(tiny_sha
   a, b = _losses(full.history), _losses(rest.history)
   assert sorted(b) == [4, 5, 6]
   assert [b[s] for s in b] == [a[s] for s in b]   # exact, not approximate
+
+
+def test_logged_throughput_sums_each_steps_own_shape(tiny_shards, monkeypatch):
+  """Between two logs, dynamic batches have different shapes: MFU and tokens/s add each step's own FLOPs and
+  frames, rather than scaling the last step's by the step rate."""
+  c = tiny_train_config(tiny_shards)
+  c.train.log_every = 3
+  info = input_pipeline.dataset_info(tiny_shards, c)
+  clock = iter([0.0, 10.0, 16.0, 20.0])   # the logger's start, then its logs at steps 1, 3 and 6
+  monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
+  logged = []
+  writer = types.SimpleNamespace(scalars=lambda step, host: logged.append(host))
+  bar = types.SimpleNamespace(set_postfix=lambda **kw: None)
+  peak = 1e9
+  logger = trainer._StepLogger(writer, c, info, "stage1", 0, 6, peak, bar, [], "ckpt")
+  shapes = [(4, 200), (6, 100), (4, 200), (8, 100), (6, 100), (4, 200)]
+  for step, (rows, frames) in enumerate(shapes, 1):
+    logger.push((step, {"bad_steps": 0.0, "loss/total": 1.0}, rows, frames))
+  logger.flush()
+  assert [h["step"] for h in logged] == [1, 3, 6] and "mfu" not in logged[0]   # step 1 holds the compile
+  step_flops = lambda shape: flops.step_flops(c, info, *shape, "stage1")
+  for h, window, seconds in ((logged[1], shapes[1:3], 6.0), (logged[2], shapes[3:], 4.0)):
+    assert h["mfu"] == pytest.approx(sum(map(step_flops, window)) / seconds / peak, rel=1e-12)
+    assert h["tokens_per_s"] == pytest.approx(sum(r * f for r, f in window) / c.tokenizer.downsample / seconds)
+    assert h["steps_per_s"] == pytest.approx(len(window) / seconds)
+  # The last step's shape times the step rate would say otherwise here.
+  assert logged[2]["mfu"] != pytest.approx(3 * step_flops(shapes[-1]) / 4.0 / peak, rel=1e-3)
+  assert logged[2]["tokens_per_s"] != pytest.approx(3 * 4 * 200 / c.tokenizer.downsample / 4.0, rel=1e-3)
 
 
 def _leaves(tree):
