@@ -12,6 +12,9 @@ import jax
 import numpy as np
 
 
+JSONL = "metrics.jsonl"   # one row per write, in the workdir
+
+
 class MetricWriter:
   def __init__(self, workdir: str, enabled: bool | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -22,7 +25,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._jsonl = open(os.path.join(workdir, JSONL), "a")
 
   def scalars(self, step: int, values: Mapping[str, float], prefix: str = "train", tensorboard: bool = True) -> None:
     """One JSONL row (split `prefix`) and, unless `tensorboard` is False, one TensorBoard scalar per value."""
@@ -51,7 +54,7 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str, split: str = "train") -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
+  path = os.path.join(workdir, JSONL)
   if not os.path.exists(path):
     return []
   with open(path) as f:

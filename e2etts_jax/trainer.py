@@ -117,6 +117,36 @@ def write_run_files(workdir: str, config: ml_collections.ConfigDict, info: DataI
     shutil.copyfile(spm, os.path.join(workdir, "spm.model"))
 
 
+def branch(source: str, step: int, workdir: str) -> None:
+  """Starts `workdir` at `source`'s checkpoint of global `step` (params, optimizer, EMA and data-iterator state),
+  with the run files a resume reads and the metrics logged up to that step, so `train` on `workdir` continues from
+  there under its own config: e.g. stage 3 with another recipe from one stage-2 checkpoint, every arm from the same
+  start. `train` then checks the config as on any resume (the step must lie in the same stage; a state that does
+  not restore names the keys changed against `source`'s config.json). `source` is left untouched. Process 0 copies;
+  the others must wait for it (`multihost_utils.sync_global_devices`) before training."""
+  src = os.path.join(source, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(src) if d.isdigit()) if os.path.isdir(src) else []
+  if step not in steps:
+    raise checkpoint.CheckpointError(f"cannot branch from {source} at step {step}: its checkpoints are at "
+                                     f"{', '.join(map(str, steps)) or 'no step'} ({src})")
+  dst = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(dst) and any(d.isdigit() for d in os.listdir(dst)):
+    raise checkpoint.CheckpointError(f"cannot branch into {workdir}: it already holds checkpoints ({dst}); "
+                                     "branch into a new workdir")
+  if jax.process_index() != 0:
+    return
+  os.makedirs(dst, exist_ok=True)
+  for name in ("config.json", "data_info.json", "spm.model"):
+    if os.path.exists(os.path.join(source, name)):
+      shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name))
+  metrics = os.path.join(source, metric_writer.JSONL)
+  if os.path.exists(metrics):
+    with open(metrics) as f, open(os.path.join(workdir, metric_writer.JSONL), "w") as out:
+      out.writelines(line for line in f if line.strip() and json.loads(line)["step"] <= step)
+  # Last: a copy cut short leaves no checkpoint, so a second try is not refused as a workdir in use.
+  shutil.copytree(os.path.join(src, str(step)), os.path.join(dst, str(step)))
+
+
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):

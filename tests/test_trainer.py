@@ -253,6 +253,38 @@ def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_
   assert len(made) == 2 and all(w.closed for w in made)
 
 
+def test_a_branch_continues_its_source_exactly_or_under_its_own_config(tiny_shards, tmp_path):
+  """trainer.branch: a workdir started at another's last stage-2 checkpoint trains stage 3 to the source's losses
+  bit for bit under the same config, and to others under another stage-3 learning rate; the source is untouched."""
+  c = tiny_train_config(tiny_shards, steps=(2, 2, 3))
+  mesh = _mesh((1, 1, 1))
+  source = str(tmp_path / "source")
+  full = _losses(trainer.train(c, source, progress=False, mesh=mesh).history)
+  saved = sorted(os.listdir(os.path.join(source, "checkpoints")))
+  logged = open(os.path.join(source, metric_writer.JSONL)).read()
+  same = str(tmp_path / "same")
+  trainer.branch(source, 4, same)
+  assert os.listdir(os.path.join(same, "checkpoints")) == ["4"]
+  copied = metric_writer.read_metrics(same)
+  assert copied and max(r["step"] for r in copied) == 4
+  rest = _losses(trainer.train(c, same, progress=False, mesh=mesh).history)
+  assert sorted(rest) == [5, 6, 7] and [rest[s] for s in rest] == [full[s] for s in rest]   # exact
+  c.train.stage3.learning_rate = 10 * c.train.stage3.learning_rate
+  other = str(tmp_path / "other")
+  trainer.branch(source, 4, other)
+  moved = _losses(trainer.train(c, other, progress=False, mesh=mesh).history)
+  # Step 5's loss is read before any update, and its warm-up step has a zero rate: step 7 is the first to differ.
+  assert moved[5] == full[5] and moved[7] != full[7]
+  assert sorted(os.listdir(os.path.join(source, "checkpoints"))) == saved
+  assert open(os.path.join(source, metric_writer.JSONL)).read() == logged
+  listed = ", ".join(sorted(saved, key=int))
+  with pytest.raises(checkpoint.CheckpointError, match=rf"at step 3: its checkpoints are at {listed} "):
+    trainer.branch(source, 3, str(tmp_path / "nowhere"))
+  with pytest.raises(checkpoint.CheckpointError, match="already holds checkpoints"):
+    trainer.branch(source, 4, same)
+  assert not os.path.exists(str(tmp_path / "nowhere"))
+
+
 def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, trained_source):
   run = trained_source
   written = open(os.path.join(run, "config.json")).read()

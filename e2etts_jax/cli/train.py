@@ -2,6 +2,7 @@
 
   e2etts-train --config configs/small.py --workdir runs/small --config.train.stage1.steps=2000
   e2etts-train --config configs/small.py:cascaded --workdir runs/small-cascaded
+  e2etts-train --workdir runs/s3-lr1e-4 --branch_from runs/small:1367 --config.train.stage3.learning_rate=1e-4
 """
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -9,6 +10,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Config file (path[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and run files.", required=True)
+_BRANCH = flags.DEFINE_string("branch_from", None, "SOURCE_WORKDIR:STEP: start --workdir at that checkpoint "
+                              "(trainer.branch) and train on under SOURCE's config.json with this command's "
+                              "--config.a.b=v overrides (the --config file is then not read).")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this many global steps.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize: auto = when SLURM/E2ETTS_COORDINATOR say multi-host.")
@@ -27,7 +31,10 @@ def main(argv):
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   perf.enable_compilation_cache()   # after initialize: multi-process runs keep their own entries
   from e2etts_jax import config_lib, trainer
-  config = _CONFIG.value
+  if _BRANCH.value:
+    config = _branch(_BRANCH.value, _WORKDIR.value, trainer)
+  else:
+    config = _CONFIG.value
   try:
     import jax
     config_lib.validate(config, jax.device_count())
@@ -40,6 +47,26 @@ def main(argv):
   last = result.history[-1] if result.history else {}
   print(f"[e2etts-train] {state}: step {result.global_step}, stage {result.stage}, "
         f"loss/total={last.get('loss/total', float('nan')):.6f}, workdir {_WORKDIR.value}")
+
+
+def _branch(spec: str, workdir: str, trainer):
+  """--branch_from SOURCE:STEP: copies the checkpoint (process 0) and returns SOURCE's config with the overrides."""
+  import jax
+  from jax.experimental import multihost_utils
+  from e2etts_jax import checkpoint, config_lib
+  source, _, step = spec.rpartition(":")
+  if not source or not step.isdigit():
+    raise app.UsageError(f"--branch_from must be SOURCE_WORKDIR:STEP, got {spec!r}")
+  try:
+    config = trainer.load_config(source)
+    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    config_lib.apply_overrides(config, overrides)
+    trainer.branch(source, int(step), workdir)
+  except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
+    raise app.UsageError(str(e))
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices("e2etts-train branch")
+  return config
 
 
 def run():
