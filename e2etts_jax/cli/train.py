@@ -12,7 +12,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/small.py", "Config 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and run files.", required=True)
 _BRANCH = flags.DEFINE_string("branch_from", None, "SOURCE_WORKDIR:STEP: start --workdir at that checkpoint "
                               "(trainer.branch) and train on under SOURCE's config.json with this command's "
-                              "--config.a.b=v overrides (the --config file is then not read).")
+                              "--config.a.b=v overrides (the --config file then only checks and types the overrides; its "
+                              "values are not used).")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this many global steps.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize: auto = when SLURM/E2ETTS_COORDINATOR say multi-host.")
