@@ -6,6 +6,7 @@ ml-collections names the closest existing key. `validate` runs after parsing and
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from typing import Iterable, Mapping, Optional, Sequence
@@ -39,8 +40,12 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       "steps": steps,
       # Global batch of this stage's training steps; 0 = data.batch_size. A stage whose batch differs from the stage
       # before it reads a fresh pass of the data at its own batch (the trainer); held-out losses stay at
-      # data.batch_size, so stages stay comparable row for row.
+      # data.batch_size (and data.max_frames), so stages stay comparable row for row.
       "batch_size": 0,
+      # Length buckets of this stage's training batches; () = data.bucket_boundaries. Every (bucket, stage) pair
+      # is a compile (30-60 s on 2 CPU cores), so a stage of a few hundred steps may pad to fewer shapes than the
+      # long stage before it; like a changed batch, other buckets start a fresh pass of the data (the trainer).
+      "bucket_boundaries": (),
       # Comma-separated subset of NETWORKS; the others get zero updates and no gradient.
       "trainable": trainable,
       "learning_rate": lr,
@@ -334,6 +339,23 @@ def stage_batch_size(c: ml_collections.ConfigDict, stage: str) -> int:
   return int(c.train[stage].batch_size) or int(c.data.batch_size)
 
 
+def stage_buckets(c: ml_collections.ConfigDict, stage: str) -> tuple[int, ...]:
+  """The length buckets of `stage`'s training batches: train.<stage>.bucket_boundaries, or data.bucket_boundaries
+  where that is empty."""
+  return tuple(int(b) for b in (c.train[stage].bucket_boundaries or c.data.bucket_boundaries))
+
+
+def stage_data(c: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """A copy of `c` whose `data` section is `stage`'s training batches (its batch size and length buckets), which
+  the input pipeline reads; `c` itself if the stage keeps data's."""
+  batch, bounds = stage_batch_size(c, stage), stage_buckets(c, stage)
+  if (batch, bounds) == (int(c.data.batch_size), tuple(c.data.bucket_boundaries)):
+    return c
+  c = copy.deepcopy(c)
+  c.data.batch_size, c.data.bucket_boundaries = batch, bounds
+  return c
+
+
 def stages_label(steps: Mapping[str, int], batch_sizes: Optional[Mapping[str, int]] = None) -> str:
   """Steps per stage, '950/75/75', then each stage's batch where given: ' x 8' when they agree, ' x 4/4/8' when not."""
   label = "/".join(str(steps[s]) for s in STAGES if s in steps)
@@ -382,6 +404,17 @@ def _check_networks(field: str, value: str) -> None:
       close = difflib.get_close_matches(net, NETWORKS, n=1)
       hint = f" (did you mean {close[0]!r}?)" if close else ""
       raise ConfigError(f"{field} names unknown network {net!r}{hint}; choose from {NETWORKS}")
+
+
+def _check_buckets(c: ml_collections.ConfigDict, key: str, bounds: tuple) -> None:
+  if list(bounds) != sorted(set(bounds)) or not bounds:
+    raise ConfigError(f"{key}={bounds} must be strictly increasing")
+  if bounds[-1] != c.data.max_frames:
+    raise ConfigError(f"{key} must end at data.max_frames={c.data.max_frames}, got {bounds[-1]}")
+  for b in bounds:
+    if b % c.tokenizer.downsample:
+      raise ConfigError(f"{key} entry {b} is not a multiple of tokenizer.downsample "
+                        f"= {c.tokenizer.downsample} (frames must split evenly into tokens)")
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
@@ -449,15 +482,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   if c.text.ctc_units not in ("char", "sentencepiece"):
     raise ConfigError(f"text.ctc_units={c.text.ctc_units!r}: choose 'char' or 'sentencepiece'")
   d = c.data
-  bounds = tuple(d.bucket_boundaries)
-  if list(bounds) != sorted(set(bounds)) or not bounds:
-    raise ConfigError(f"data.bucket_boundaries={bounds} must be strictly increasing")
-  if bounds[-1] != d.max_frames:
-    raise ConfigError(f"data.bucket_boundaries must end at data.max_frames={d.max_frames}, got {bounds[-1]}")
-  for b in bounds:
-    if b % c.tokenizer.downsample:
-      raise ConfigError(f"data.bucket_boundaries entry {b} is not a multiple of tokenizer.downsample "
-                        f"= {c.tokenizer.downsample} (frames must split evenly into tokens)")
+  _check_buckets(c, "data.bucket_boundaries", tuple(d.bucket_boundaries))
   if d.max_seconds * mel_rate > d.max_frames + 1e-6:
     raise ConfigError(f"data.max_seconds={d.max_seconds} gives {d.max_seconds * mel_rate:g} frames, more than "
                       f"data.max_frames={d.max_frames}")
@@ -494,6 +519,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
       raise ConfigError(f"train.{stage}.steps={s.steps} must be >= 0")
     if s.batch_size < 0:
       raise ConfigError(f"train.{stage}.batch_size={s.batch_size} must be >= 0 (0 = data.batch_size)")
+    if s.bucket_boundaries:
+      _check_buckets(c, f"train.{stage}.bucket_boundaries", tuple(s.bucket_boundaries))
     if s.rm_spk_scale < 0:
       raise ConfigError(f"train.{stage}.rm_spk_scale={s.rm_spk_scale} must be >= 0")
     if s.steps and s.warmup_steps > s.steps:

@@ -7,7 +7,6 @@ non-finite updates and aborting after `train.max_bad_steps` in a row.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -241,9 +240,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
       raise
   system = System(config, info)
   rng = jax.random.key(config.seed)
-  # The iterator of the current stage's batch size (`_train_iterator`); a stage with another batch makes its own.
-  iter_batch = config_lib.stage_batch_size(config, meta["stage"] if meta is not None else plan[0][0])
-  train_iter = _train_iterator(config, mesh, iter_batch)
+  # The iterator of the current stage's batches (`_train_iterator`); a stage with another batch size or other length
+  # buckets makes its own.
+  iter_stage = meta["stage"] if meta is not None else plan[0][0]
+  train_iter = _train_iterator(config, mesh, iter_stage)
   writer = metric_writer.MetricWriter(workdir)
   # Closed on every way out: a run that raises (a refused warm start, too many bad steps) would otherwise leave
   # its TensorBoard writer to an atexit hook, which Python 3.12 can no longer run (no new threads at shutdown).
@@ -275,9 +275,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         if global_step >= first + steps:
           continue   # finished before the restart
         tx = optim.make_optimizer(config, stage)
-        if iter_batch != config_lib.stage_batch_size(config, stage):
-          iter_batch = config_lib.stage_batch_size(config, stage)
-          train_iter = _train_iterator(config, mesh, iter_batch)
+        if _batches(config, iter_stage) != _batches(config, stage):
+          train_iter = _train_iterator(config, mesh, stage)
+        iter_stage = stage
         if state is None:
           state, shard_tree = train_step.create_train_state(system, tx, mesh, rng)
           if config.train.init_from:
@@ -324,15 +324,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     writer.close()
 
 
-def _train_iterator(config: ml_collections.ConfigDict, mesh, batch_size: int):
-  """The training iterator at global batch `batch_size` (a stage's, `config_lib.stage_batch_size`). Stages that keep
-  the batch of the stage before them continue its iterator; one that changes it starts a fresh pass of the same
-  seed's order at its own batch. So the checkpointed iterator is always the current stage's, and a resume restores
-  into a fresh one of that stage's batch."""
-  if batch_size != config.data.batch_size:
-    config = copy.deepcopy(config)
-    config.data.batch_size = batch_size
-  return input_pipeline.make_global_iterator(config, mesh, "train", seed=config.seed)
+def _batches(config: ml_collections.ConfigDict, stage: str) -> tuple:
+  """What shapes `stage`'s training batches: its global batch size and its length buckets."""
+  return config_lib.stage_batch_size(config, stage), config_lib.stage_buckets(config, stage)
+
+
+def _train_iterator(config: ml_collections.ConfigDict, mesh, stage: str):
+  """The training iterator of `stage`'s batches (`config_lib.stage_data`: its global batch and length buckets).
+  Stages that keep the batches of the stage before them continue its iterator; one that changes them starts a
+  fresh pass of the same seed's order in its own batches. So the checkpointed iterator is always the current
+  stage's, and a resume restores into a fresh one of that stage's batches."""
+  return input_pipeline.make_global_iterator(config_lib.stage_data(config, stage), mesh, "train", seed=config.seed)
 
 
 def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
@@ -412,7 +414,7 @@ class _StepLogger:
     if not first and step % c.train.log_every and step != self.last:
       return
     now = time.perf_counter()
-    host.update(step=step, lr=float(self.lr(step - self.first - 1)), batch_size=batch)
+    host.update(step=step, lr=float(self.lr(step - self.first - 1)), batch_size=batch, frames=frames)
     if not first:   # the first step after a (re)start includes compilation: throughput is timed from it on
       seconds = max(now - self.t_mark, 1e-9)
       steps_per_s = (step - self.step_mark) / seconds

@@ -109,6 +109,10 @@ RULES = [
     ("buckets order", lambda c: setattr(c.data, "bucket_boundaries", (100, 50, 200)), "strictly increasing"),
     ("buckets end", lambda c: setattr(c.data, "bucket_boundaries", (50, 100)), "data.max_frames"),
     ("buckets multiple", lambda c: setattr(c.data, "bucket_boundaries", (51, 100, 200)), "tokenizer.downsample"),
+    ("stage buckets", lambda c: setattr(c.train.stage2, "bucket_boundaries", (100,)),
+     "train.stage2.bucket_boundaries must end at data.max_frames=200"),
+    ("stage buckets order", lambda c: setattr(c.train.stage3, "bucket_boundaries", (200, 100)),
+     "train.stage3.bucket_boundaries=(200, 100) must be strictly increasing"),
     ("max seconds", lambda c: setattr(c.data, "max_seconds", 10.0), "data.max_seconds"),
     ("min seconds", lambda c: setattr(c.data, "min_seconds", 5.0), "data.min_seconds"),
     ("join", lambda c: setattr(c.data, "join_prob", 1.5), "data.join_prob=1.5 must be in"),
@@ -182,6 +186,18 @@ def test_flatten_names_keys_as_overrides_do():
   # Every flattened key is one an override accepts: setting each to its own value changes nothing.
   again = config_lib.apply_overrides(config_lib.get_config("tiny"), {k: config_lib.get_path(c, k) for k in flat})
   assert again.to_json_best_effort() == c.to_json_best_effort()
+
+
+def test_stage_data_is_the_stages_batches_and_leaves_the_config_alone(tiny_config):
+  tiny_config.train.stage3.update(batch_size=2 * tiny_config.data.batch_size, bucket_boundaries=(200,))
+  data = tiny_config.data.to_dict()
+  assert config_lib.stage_data(tiny_config, "stage1") is tiny_config   # keeps data's batches: no copy
+  s3 = config_lib.stage_data(tiny_config, "stage3")
+  assert (s3.data.batch_size, tuple(s3.data.bucket_boundaries)) == (2 * tiny_config.data.batch_size, (200,))
+  assert {k: v for k, v in s3.data.to_dict().items() if k not in ("batch_size", "bucket_boundaries")} == {
+      k: v for k, v in data.items() if k not in ("batch_size", "bucket_boundaries")}
+  assert tiny_config.data.to_dict() == data
+  assert config_lib.stage_buckets(tiny_config, "stage2") == tuple(data["bucket_boundaries"]) != (200,)
 
 
 def test_stages_label_names_a_batch_per_stage_only_where_they_differ(tiny_config):

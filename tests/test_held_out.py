@@ -5,7 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from e2etts_jax import checkpoint, config_lib, held_out, sharding, trainer
+from e2etts_jax import checkpoint, config_lib, held_out, input_pipeline, sharding, trainer
 from tests.conftest import tiny_train_config
 
 
@@ -92,6 +92,20 @@ def test_eval_batches_minus_one_reads_every_full_test_batch(tiny_shards):
     c.train.eval_batches = n
     counts[n] = [b["mel"].shape[0] for b in held_out.eval_batches(c, _mesh())]
   assert counts == {-1: [1, 1], 1: [1], 5: [1, 1]}
+
+
+def test_eval_batches_take_one_shape_whatever_the_buckets(tiny_shards):
+  """Held-out batches pad to data.max_frames (one eval program per stage), even where the length buckets would
+  pad one to a shorter bucket."""
+  c = tiny_train_config(tiny_shards)
+  c.data.batch_size = 1
+  c.train.eval_batches = -1
+  lengths = input_pipeline.load_index(tiny_shards, "test")["num_frames"]
+  step = c.tokenizer.downsample
+  c.data.bucket_boundaries = (-(-min(lengths) // step) * step, c.data.max_frames)   # the shortest fits the first
+  plan = input_pipeline.make_plan(c, "test", seed=c.seed, shuffle=False, drop_remainder=True)
+  assert min(plan.batch(i)[2] for i in range(plan.batches_per_epoch)) < c.data.max_frames
+  assert [b["mel"].shape[:2] for b in held_out.eval_batches(c, _mesh())] == [(1, c.data.max_frames)] * len(lengths)
 
 
 def test_diagnose_cli_writes_the_moves(run, tmp_path, capsys):

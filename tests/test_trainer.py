@@ -111,26 +111,31 @@ def test_a_stage_with_its_own_batch_trains_at_it_and_resumes_exactly(tiny_shards
 
 def test_dynamic_batches_train_their_rows_per_bucket_and_resume_exactly(tiny_shards, tmp_path):
   """data.dynamic_batch: a short bucket's batches hold twice the rows (one compile per shape), the logged
-  throughput counts each step's own rows, and a run stopped in the middle continues with the same losses."""
-  c = tiny_train_config(tiny_shards, steps=(6, 0, 0))
+  throughput counts each step's own rows, a stage with its own length buckets (train.stage3.bucket_boundaries)
+  trains in those alone, and a run stopped in either stage continues with the same losses."""
+  c = tiny_train_config(tiny_shards, steps=(6, 0, 2))
   c.data.update(bucket_boundaries=(100, 200), dynamic_batch=True, batch_size=2)
+  c.train.stage3.bucket_boundaries = (200,)
   # A seed whose first 6 batches draw both buckets (few of the tiny corpus's utterances fit 100 frames).
   for c.seed in range(50):
     plan = input_pipeline.make_plan(c, "train", seed=c.seed)
-    planned = {step + 1: len(plan.batch(step)[0]) for step in range(6)}
-    if set(planned.values()) == {4, 2}:
+    planned = {step + 1: (len(plan.batch(step)[0]), plan.batch(step)[2]) for step in range(6)}
+    if {rows for rows, _ in planned.values()} == {4, 2}:
       break
   mesh = _mesh((1, 1, 1))
   full = trainer.train(c, str(tmp_path / "full"), progress=False, mesh=mesh)
-  assert {int(h["step"]): int(h["batch_size"]) for h in full.history} == planned
+  trained = {int(h["step"]): (int(h["batch_size"]), int(h["frames"])) for h in full.history}
+  assert trained == {**planned, 7: (2, 200), 8: (2, 200)}
   logged = [h for h in full.history if "tokens_per_s" in h]
   assert logged and all(h["tokens_per_s"] > 0 and 0 < h["mfu"] for h in logged)
   workdir = str(tmp_path / "split")
   assert trainer.train(c, workdir, progress=False, mesh=mesh, stop_after=3).global_step == 3
-  rest = trainer.train(c, workdir, progress=False, mesh=mesh)
-  a, b = _losses(full.history), _losses(rest.history)
-  assert sorted(b) == [4, 5, 6]
-  assert [b[s] for s in b] == [a[s] for s in b]   # exact, not approximate
+  resumed = {}
+  for stop in (7, None):   # resumed inside stage 1, stopped inside stage 3 (its own iterator), resumed there
+    resumed.update(_losses(trainer.train(c, workdir, progress=False, mesh=mesh, stop_after=stop).history))
+  a = _losses(full.history)
+  assert sorted(resumed) == [4, 5, 6, 7, 8]
+  assert resumed == {s: a[s] for s in resumed}   # exact, not approximate
 
 
 def test_logged_throughput_sums_each_steps_own_shape(tiny_shards, monkeypatch):
