@@ -140,8 +140,17 @@ def branch(source: str, step: int, workdir: str) -> None:
       shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name))
   metrics = os.path.join(source, metric_writer.JSONL)
   if os.path.exists(metrics):
+    # A checkpoint at a stage's last step is that stage's: the next stage's held-out read at the same step is made
+    # again when training enters that stage here, so it is left behind rather than logged twice.
+    ending = [float(config_lib.STAGES.index(s) + 1) for s, first, n in stage_plan(load_config(source))
+              if first + n == step]
+
+    def keep(row: dict) -> bool:
+      if row["step"] != step or not ending or row.get("split") not in ("eval", "eval_set"):
+        return row["step"] <= step
+      return row["stage"] == ending[0]
     with open(metrics) as f, open(os.path.join(workdir, metric_writer.JSONL), "w") as out:
-      out.writelines(line for line in f if line.strip() and json.loads(line)["step"] <= step)
+      out.writelines(line for line in f if line.strip() and keep(json.loads(line)))
   # Last: a copy cut short leaves no checkpoint, so a second try is not refused as a workdir in use.
   shutil.copytree(os.path.join(src, str(step)), os.path.join(dst, str(step)))
 

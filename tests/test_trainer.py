@@ -260,8 +260,11 @@ def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_
 
 def test_a_branch_continues_its_source_exactly_or_under_its_own_config(tiny_shards, tmp_path):
   """trainer.branch: a workdir started at another's last stage-2 checkpoint trains stage 3 to the source's losses
-  bit for bit under the same config, and to others under another stage-3 learning rate; the source is untouched."""
+  bit for bit under the same config, and to others under another stage-3 learning rate; the source is untouched.
+  Its held-out log is the source's: stage 3's first read, at the checkpoint's step, is made once, by the branch."""
   c = tiny_train_config(tiny_shards, steps=(2, 2, 3))
+  c.data.batch_size = 2            # the 40-utterance corpus holds out 2: one full held-out batch
+  c.train.eval_batches = 1
   mesh = _mesh((1, 1, 1))
   source = str(tmp_path / "source")
   full = _losses(trainer.train(c, source, progress=False, mesh=mesh).history)
@@ -274,6 +277,9 @@ def test_a_branch_continues_its_source_exactly_or_under_its_own_config(tiny_shar
   assert copied and max(r["step"] for r in copied) == 4
   rest = _losses(trainer.train(c, same, progress=False, mesh=mesh).history)
   assert sorted(rest) == [5, 6, 7] and [rest[s] for s in rest] == [full[s] for s in rest]   # exact
+  assert metric_writer.read_metrics(same, "eval") == metric_writer.read_metrics(source, "eval")
+  assert [(r["step"], r["stage"]) for r in metric_writer.read_metrics(same, "eval")] == [
+      (0, 1.0), (2, 1.0), (2, 2.0), (4, 2.0), (4, 3.0), (7, 3.0)]
   c.train.stage3.learning_rate = 10 * c.train.stage3.learning_rate
   other = str(tmp_path / "other")
   trainer.branch(source, 4, other)
