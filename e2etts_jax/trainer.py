@@ -132,6 +132,11 @@ def branch(source: str, step: int, workdir: str) -> None:
   if os.path.isdir(dst) and any(d.isdigit() for d in os.listdir(dst)):
     raise checkpoint.CheckpointError(f"cannot branch into {workdir}: it already holds checkpoints ({dst}); "
                                      "branch into a new workdir")
+  # A checkpoint at a stage's last step is that stage's: the next stage's held-out read at the same step is made
+  # again when training enters that stage here, so it is left behind rather than logged twice. Read before anything
+  # is written: a source without its config.json is refused with W2 untouched.
+  ending = [float(config_lib.STAGES.index(s) + 1) for s, first, n in stage_plan(load_config(source))
+            if first + n == step]
   if jax.process_index() != 0:
     return
   os.makedirs(dst, exist_ok=True)
@@ -140,11 +145,6 @@ def branch(source: str, step: int, workdir: str) -> None:
       shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name))
   metrics = os.path.join(source, metric_writer.JSONL)
   if os.path.exists(metrics):
-    # A checkpoint at a stage's last step is that stage's: the next stage's held-out read at the same step is made
-    # again when training enters that stage here, so it is left behind rather than logged twice.
-    ending = [float(config_lib.STAGES.index(s) + 1) for s, first, n in stage_plan(load_config(source))
-              if first + n == step]
-
     def keep(row: dict) -> bool:
       if row["step"] != step or not ending or row.get("split") not in ("eval", "eval_set"):
         return row["step"] <= step
