@@ -60,6 +60,9 @@ def _stage(steps: int, trainable: str, lr: float, **weights: float) -> ml_collec
       # it cannot move the frozen codes (measured on the main job: that lifts no held-out speaker ranking, since the
       # speaker reaches the codes only through stage 1's speaker gradient; docs/diagnosis.md).
       "rm_spk_scale": 1.0,
+      # Per-network multipliers of this stage's learning rate, on top of train.lr_scale (which scales every stage):
+      # e.g. a network already at its held-out optimum when a late stage begins can keep training there more slowly.
+      "lr_scale": {n: 1.0 for n in NETWORKS},
   })
 
 
@@ -417,6 +420,12 @@ def _check_buckets(c: ml_collections.ConfigDict, key: str, bounds: tuple) -> Non
                         f"= {c.tokenizer.downsample} (frames must split evenly into tokens)")
 
 
+def _check_lr_scales(key: str, scales: ml_collections.ConfigDict) -> None:
+  for net in NETWORKS:
+    if scales[net] < 0:
+      raise ConfigError(f"{key}.{net}={scales[net]} must be >= 0 (a multiplier of the learning rate)")
+
+
 def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml_collections.ConfigDict:
   """Checks cross-field rules; raises ConfigError naming the field. Returns `c` for chaining."""
   a = c.audio
@@ -508,6 +517,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
   _check_networks("train.ema_networks", c.train.ema_networks)
   if not 0.0 <= c.train.ema_decay < 1.0:
     raise ConfigError(f"train.ema_decay={c.train.ema_decay}: must be in [0, 1) (0 = no weight average kept)")
+  _check_lr_scales("train.lr_scale", c.train.lr_scale)
   for stage in STAGES:
     s = c.train[stage]
     _check_networks(f"train.{stage}.trainable", s.trainable)
@@ -523,6 +533,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int | None = None) -> ml
       _check_buckets(c, f"train.{stage}.bucket_boundaries", tuple(s.bucket_boundaries))
     if s.rm_spk_scale < 0:
       raise ConfigError(f"train.{stage}.rm_spk_scale={s.rm_spk_scale} must be >= 0")
+    _check_lr_scales(f"train.{stage}.lr_scale", s.lr_scale)
     if s.steps and s.warmup_steps > s.steps:
       raise ConfigError(f"train.{stage}.warmup_steps={s.warmup_steps} exceeds train.{stage}.steps={s.steps}")
     if s.steps and not any(s.weights[k] for k in LOSS_TERMS):

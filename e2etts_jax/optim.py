@@ -118,17 +118,18 @@ def make_optimizer(config: ml_collections.ConfigDict, stage: str) -> optax.Gradi
   def network_tx(name):
     if name not in trainable:
       return optax.set_to_zero()
+    lr_scale = float(t.lr_scale[name]) * float(t[stage].lr_scale[name])
     # optax.adamw's own chain (hence its state tree and checkpoints), with the schedule's numbers as an argument.
     adamw = optax.chain(optax.scale_by_adam(b1=t.b1, b2=t.b2),
                         optax.add_decayed_weights(t.weight_decay, _decay_mask),
-                        scale_by_scheduled_lr(float(t.lr_scale[name]), default))
+                        scale_by_scheduled_lr(lr_scale, default))
     tx = adamw
     if t.optimizer == "muon" and name in config_lib.parse_list(t.muon_networks):
       muon = optax.chain(optax_contrib.scale_by_muon(beta=t.muon_momentum, nesterov=True,
                                                      weight_dimension_numbers=muon_dimensions),
                          scale_to_rms(t.muon_rms),
                          optax.add_decayed_weights(t.weight_decay),
-                         scale_by_scheduled_lr(float(t.lr_scale[name]), default))
+                         scale_by_scheduled_lr(lr_scale, default))
       tx = optax.multi_transform(
           {"muon": muon, "adamw": adamw},
           lambda params: jax.tree.map(lambda d: "adamw" if d is None else "muon", muon_dimensions(params),

@@ -136,6 +136,8 @@ RULES = [
     ("usage frozen", lambda c: setattr(c.train.stage2.weights, "usage", 0.5), "weights.usage=0.5"),
     ("token grads", lambda c: setattr(c.train.stage1, "token_grads", "rm,asr"), "token_grads names 'asr'"),
     ("speaker scale", lambda c: setattr(c.train.stage2, "rm_spk_scale", -1.0), "train.stage2.rm_spk_scale=-1.0"),
+    ("lr scale", lambda c: setattr(c.train.lr_scale, "fm", -0.5), "train.lr_scale.fm=-0.5 must be >= 0"),
+    ("stage lr scale", lambda c: setattr(c.train.stage2.lr_scale, "rm", -0.1), "train.stage2.lr_scale.rm=-0.1"),
     ("ema decay", lambda c: setattr(c.train, "ema_decay", 1.0), "train.ema_decay=1.0: must be in"),
     ("ema networks", lambda c: setattr(c.train, "ema_networks", "llm,flow"),
      "train.ema_networks names unknown network 'flow'"),

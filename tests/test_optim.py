@@ -31,6 +31,30 @@ def test_lr_scale_multiplies_one_networks_updates(tiny_config):
   np.testing.assert_allclose(llm, -optim.schedule(c, "stage1")(1) * np.ones_like(llm), rtol=1e-3)
 
 
+def test_stage_lr_scale_multiplies_one_networks_updates_in_that_stage_only(tiny_config):
+  """train.<stage>.lr_scale.<net> scales that network's updates in that stage, on top of train.lr_scale."""
+  c = tiny_config
+  c.train.weight_decay = 0.0
+  for stage in ("stage1", "stage2"):
+    c.train[stage].trainable = "tokenizer,llm,fm,rm"
+    c.train[stage].warmup_steps = 1
+  c.train.lr_scale.rm = 0.5
+  c.train.stage2.lr_scale.rm = 0.3
+  grads = jax.tree.map(jnp.ones_like, _params())
+
+  def peak_updates(stage):
+    tx = optim.make_optimizer(c, stage)
+    state = tx.init(_params())
+    for _ in range(2):   # step 0 runs at LR 0 (warm-up from 0); step 1 at the peak
+      updates, state = tx.update(grads, state, _params())
+    return {n: np.asarray(updates[n]["dense"]["kernel"]) for n in ("llm", "rm")}
+
+  for stage, scale in (("stage1", 0.5), ("stage2", 0.5 * 0.3)):
+    u = peak_updates(stage)
+    assert np.all(u["llm"] < 0)
+    np.testing.assert_allclose(u["rm"], scale * u["llm"], rtol=1e-6)
+
+
 def test_frozen_networks_get_zero_updates(tiny_config):
   c = tiny_config
   c.train.stage2.trainable = "llm"
