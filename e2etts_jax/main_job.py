@@ -469,7 +469,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
                              float(config.data.max_seconds))
   items = eval_items_of(items_path, eval_seed, eval_items)
   _say(f"evaluating {len(items)} held-out sentences (same-speaker prompts) with pocketsphinx")
-  asr = evaluation.make_asr("pocketsphinx")
+  # The judge transcribes in background processes while the next wav is synthesised: PocketSphinx is most of the
+  # scoring's time and runs on one core.
+  asr = evaluation.ASRPool("pocketsphinx", workers=min(2, workers))
   encoder = speaker_lib.CallableEncoder(lambda w: synth.embed_wav(w, 16000), 16000, name="internal_rm")
   eval_dir = os.path.join(workdir, "eval")
   common = dict(asr=asr, speaker_encoder=encoder, progress=progress, seed=eval_seed, n_resamples=1000)
@@ -490,16 +492,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
                                   "fm_s": r.timings["fm"], "vocoder_s": r.timings["vocoder"]}
 
   res = {}
-  res["ceiling"] = phases.run("eval_ceiling", lambda: evaluation.evaluate(
-      items, os.path.join(eval_dir, "ceiling"), ceiling=True, roundtrip=gl_roundtrip,
-      meta={"system": "ceiling: ground truth -> log-mel -> vocoder"}, **common))
-  res["resynthesis"] = phases.run("eval_resynthesis", lambda: evaluation.evaluate(
-      items, os.path.join(eval_dir, "resynthesis"), ceiling=True, roundtrip=resynth_roundtrip,
-      ceiling_results=res["ceiling"], meta={"system": "resynthesis: ground truth -> tokenizer -> FM -> vocoder"},
-      **common))
-  res["tts"] = phases.run("eval_tts", lambda: evaluation.evaluate(
-      items, os.path.join(eval_dir, "tts"), synthesize=tts, ceiling_results=res["ceiling"],
-      meta={"system": "tts: text + prompt -> LLM -> FM -> vocoder", "workdir": workdir}, **common))
+  try:
+    res["ceiling"] = phases.run("eval_ceiling", lambda: evaluation.evaluate(
+        items, os.path.join(eval_dir, "ceiling"), ceiling=True, roundtrip=gl_roundtrip,
+        meta={"system": "ceiling: ground truth -> log-mel -> vocoder"}, **common))
+    res["resynthesis"] = phases.run("eval_resynthesis", lambda: evaluation.evaluate(
+        items, os.path.join(eval_dir, "resynthesis"), ceiling=True, roundtrip=resynth_roundtrip,
+        ceiling_results=res["ceiling"], meta={"system": "resynthesis: ground truth -> tokenizer -> FM -> vocoder"},
+        **common))
+    res["tts"] = phases.run("eval_tts", lambda: evaluation.evaluate(
+        items, os.path.join(eval_dir, "tts"), synthesize=tts, ceiling_results=res["ceiling"],
+        meta={"system": "tts: text + prompt -> LLM -> FM -> vocoder", "workdir": workdir}, **common))
+  finally:
+    asr.close()
 
   from e2etts_jax import audio
   mel_errors = phases.run("mel_error", lambda: resynthesis_mel_errors(synth, items, eval_seed))

@@ -358,6 +358,30 @@ def test_synthesize_callback_writes_wavs_and_rescoring_matches(corpus, pocketsph
   assert "## Comparison" in (tmp_path / "rescore" / "report.md").read_text()
 
 
+def test_asr_pool_scores_as_the_judge_in_process(corpus, pocketsphinx_asr, tmp_path):
+  """evaluate with an ASRPool (transcripts from worker processes, collected at the end) writes what the in-process
+  judge writes, failures included; a judge that cannot start fails each item with its reason."""
+  items = metalist.read_metalist(str(corpus / "meta.lst"))
+  items.append(EvalItem("missing", PROMPT_TEXT, items[0].prompt_wav, "No file for this one."))
+  common = dict(wavs_dir=str(corpus / "gt"), speaker_encoder=speaker.make_speaker_encoder("mfcc"), n_resamples=200,
+                num_mel_plots=0, progress=False)
+  serial = harness.evaluate(items, str(tmp_path / "serial"), asr=pocketsphinx_asr, **common)
+  with asr_lib.ASRPool("pocketsphinx", workers=2) as pool:
+    pooled = harness.evaluate(items, str(tmp_path / "pooled"), asr=pool, **common)
+  assert pooled["utterances"] == serial["utterances"] and pooled["failures"] == serial["failures"]
+  assert pooled["summary"]["counts"] == {"items": 4, "scored": 3, "failed": 1, "sim_scored": 3, "sim_failed": 0}
+  assert [r["hypothesis"] for r in _read_details(tmp_path / "pooled" / "details.csv")] == \
+      [r["hypothesis"] for r in _read_details(tmp_path / "serial" / "details.csv")]
+  assert pooled["meta"]["asr"] == "pocketsphinx"
+
+  with asr_lib.ASRPool("pocketsphinx", workers=1, hmm=str(tmp_path / "no-model")) as broken:
+    failed = harness.evaluate(items[:2], str(tmp_path / "broken"), asr=broken, **common)
+  assert failed["summary"]["counts"]["scored"] == 0
+  assert all("pocketsphinx hmm not found" in f["reason"] for f in failed["failures"])
+  with pytest.raises(ValueError, match="unknown ASR 'sphinx'"):
+    asr_lib.ASRPool("sphinx")
+
+
 def test_ceiling_mode_with_roundtrip(corpus, pocketsphinx_asr, tmp_path, capsys):
   items = metalist.read_metalist(str(corpus / "meta.lst"))[:2]
   calls = []

@@ -9,6 +9,8 @@ loads a local checkpoint directory for paper-comparable figures.
 from __future__ import annotations
 
 import abc
+import concurrent.futures
+import multiprocessing
 import os
 from typing import Callable, Sequence
 
@@ -159,3 +161,52 @@ def make_asr(name: str, **kwargs) -> ASR:
   if name not in _REGISTRY:
     raise ValueError(f"unknown ASR {name!r}; choose one of {', '.join(_REGISTRY)}")
   return _REGISTRY[name](**kwargs)
+
+
+# The worker process's judge, built on its first item (one per process; a decoder is not picklable).
+_WORKER_ASR: dict[tuple, ASR] = {}
+
+
+def _transcribe_in_worker(name: str, kwargs: tuple, wav: np.ndarray, sample_rate: int) -> str:
+  key = (name, kwargs)
+  if key not in _WORKER_ASR:
+    _WORKER_ASR[key] = make_asr(name, **dict(kwargs))
+  return _WORKER_ASR[key].transcribe(wav, sample_rate)
+
+
+class ASRPool:
+  """A registered judge in `workers` background processes: `submit(wav, sample_rate) -> Future[str]` returns at
+  once, so a caller synthesises the next item while earlier ones are transcribed (evaluate does, given a pool).
+
+  Processes, not threads: PocketSphinx holds the GIL while it decodes, so a thread would not run beside synthesis.
+  They are spawned, not forked, because the caller runs XLA's threads. Each worker builds its own
+  `make_asr(name, **kwargs)`; a transcript is the same in any worker (PocketSphinx resets its front end per
+  utterance), so results do not depend on the pool. Use as a context manager, or `close()` it.
+  """
+
+  def __init__(self, name: str, workers: int = 2, **kwargs):
+    if name not in _REGISTRY:
+      raise ValueError(f"unknown ASR {name!r}; choose one of {', '.join(_REGISTRY)}")
+    if workers < 1:
+      raise ValueError(f"an ASR pool needs at least one worker, got {workers}")
+    self.name, self.workers = name, workers
+    self._kwargs = tuple(sorted(kwargs.items()))
+    self._pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+  def submit(self, wav: np.ndarray, sample_rate: int) -> concurrent.futures.Future:
+    """Queues one waveform ([samples] or [samples, channels], any rate); the Future holds its transcript or the
+    judge's exception."""
+    return self._pool.submit(_transcribe_in_worker, self.name, self._kwargs, np.asarray(wav, np.float32),
+                             int(sample_rate))
+
+  def transcribe(self, wav: np.ndarray, sample_rate: int) -> str:
+    return self.submit(wav, sample_rate).result()
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
+
+  def __enter__(self) -> "ASRPool":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

@@ -12,6 +12,7 @@ synthesis error) is recorded as a failure with its reason and the run goes on.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import time
@@ -141,6 +142,65 @@ def _error(e: BaseException) -> str:
   return f"{type(e).__name__}: {e}"
 
 
+def _fail(row: dict, e: BaseException) -> None:
+  row["status"], row["error"] = "failed", _error(e)
+  logging.warning("%s failed: %s", row["utt"], row["error"])
+
+
+def _transcription(asr, wav16: np.ndarray) -> concurrent.futures.Future:
+  """The judge's transcript of wav16: queued on an ASRPool (`submit`), else transcribed now (a done Future)."""
+  if hasattr(asr, "submit"):
+    return asr.submit(wav16, EVAL_SAMPLE_RATE)
+  done: concurrent.futures.Future = concurrent.futures.Future()
+  try:
+    done.set_result(asr.transcribe(wav16, EVAL_SAMPLE_RATE))
+  except Exception as e:  # pylint: disable=broad-except  # resolved (and recorded) by _judge
+    done.set_exception(e)
+  return done
+
+
+def _judge(row: dict, item: EvalItem, transcript: concurrent.futures.Future, lang: str) -> bool:
+  """Fills row's WER from the transcript (waiting for it); False (row failed) if the judge raised."""
+  try:
+    hyp = str(transcript.result() or "")
+    row.update(wer.utterance_wer(item.target_text, hyp, lang), hypothesis=hyp,
+               ref_norm=wer.normalize(item.target_text, lang), hyp_norm=wer.normalize(hyp, lang))
+  except Exception as e:  # pylint: disable=broad-except
+    _fail(row, e)
+    return False
+  row["status"] = "ok"
+  return True
+
+
+def _measure(run: _Run, row: dict, item: EvalItem, wav16: np.ndarray, speaker_encoder, internal_scorer) -> None:
+  """Everything but the transcript: real-time factor, duration ratio, SIM, internal scores."""
+  if row["synth_s"] is not None:
+    row["rtf"] = row["synth_s"] / row["duration_s"]
+  if item.gt_wav:
+    try:
+      row["gt_duration_s"] = float(sf.info(item.gt_wav).duration)
+      row["duration_ratio"] = row["duration_s"] / row["gt_duration_s"]
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("%s: ground-truth duration unavailable: %s", item.utt, _error(e))
+  if speaker_encoder is not None:
+    try:
+      row["sim"] = run.similarity(item, wav16)
+    except Exception as e:  # pylint: disable=broad-except
+      row["sim_error"] = _error(e)
+  if internal_scorer is not None:
+    try:
+      for k, v in dict(internal_scorer(item, wav16, EVAL_SAMPLE_RATE)).items():
+        row[f"internal_{k}"] = float(v)
+    except Exception as e:  # pylint: disable=broad-except
+      row["internal_error"] = _error(e)
+
+
+def _progress(rows: list) -> dict:
+  ok = [r["wer"] for r in rows if r["status"] == "ok"]
+  failed = sum(1 for r in rows if r["error"] is not None)
+  return {"wer": f"{100 * sum(ok) / len(ok):.2f}%", "failed": failed} if ok else {"failed": failed}
+
+
 def evaluate(items: Sequence[EvalItem], out_dir: str, *, synthesize: SynthesizeFn | None = None,
              wavs_dir: str | None = None, asr: ASR, speaker_encoder: SpeakerEncoder | None = None,
              lang: str = "en", internal_scorer: InternalScorer | None = None, ceiling: bool = False,
@@ -153,7 +213,8 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, *, synthesize: SynthesizeF
     items: EvalItems (or 4/5-tuples in EvalItem order).
     out_dir: output folder (created).
     synthesize / wavs_dir / ceiling: where wavs come from; exactly one (see the module docstring).
-    asr: the ASR judge (`asr.make_asr`).
+    asr: the ASR judge (`asr.make_asr`), or an `asr.ASRPool`: its workers transcribe while the next wav is made,
+      and the run waits for them at the end (same results).
     speaker_encoder: SIM judge, or None to skip SIM (`speaker.make_speaker_encoder`).
     lang: 'en' or 'zh' (text normalisation rules).
     internal_scorer: optional `fn(item, wav [samples] at 16 kHz, 16000) -> {name: float}`, e.g. the reward
@@ -193,7 +254,8 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, *, synthesize: SynthesizeF
     logging.warning("items list not written: %s", e)
 
   run = _Run(out_dir, synthesize, wavs_dir, ceiling, roundtrip, speaker_encoder)
-  rows, wer_sum = [], 0.0
+  rows: list[dict] = []
+  judging: list[tuple] = []   # (row, item, transcript Future) a pool is still transcribing
   # Named by the output folder, not the mode: the main job's resynthesis is a ceiling-mode run with a roundtrip.
   bar = tqdm.tqdm(items, desc=f"eval[{os.path.basename(os.path.normpath(out_dir))}]", unit="utt",
                   disable=not progress)
@@ -204,37 +266,20 @@ def evaluate(items: Sequence[EvalItem], out_dir: str, *, synthesize: SynthesizeF
     try:
       wav16 = run.obtain(item, row)
       row["duration_s"] = wav16.size / EVAL_SAMPLE_RATE
-      hyp = str(asr.transcribe(wav16, EVAL_SAMPLE_RATE) or "")
-      row.update(wer.utterance_wer(item.target_text, hyp, lang), hypothesis=hyp,
-                 ref_norm=wer.normalize(item.target_text, lang), hyp_norm=wer.normalize(hyp, lang))
-      row["status"] = "ok"
     except Exception as e:  # pylint: disable=broad-except  # one item must never end the run
-      row["error"] = _error(e)
-      logging.warning("%s failed: %s", item.utt, row["error"])
-      bar.set_postfix(failed=sum(1 for r in rows if r["status"] != "ok"))
+      _fail(row, e)
+      bar.set_postfix(_progress(rows))
       continue
-    wer_sum += row["wer"]
-    if row["synth_s"] is not None:
-      row["rtf"] = row["synth_s"] / row["duration_s"]
-    if item.gt_wav:
-      try:
-        row["gt_duration_s"] = float(sf.info(item.gt_wav).duration)
-        row["duration_ratio"] = row["duration_s"] / row["gt_duration_s"]
-      except Exception as e:  # pylint: disable=broad-except
-        logging.warning("%s: ground-truth duration unavailable: %s", item.utt, _error(e))
-    if speaker_encoder is not None:
-      try:
-        row["sim"] = run.similarity(item, wav16)
-      except Exception as e:  # pylint: disable=broad-except
-        row["sim_error"] = _error(e)
-    if internal_scorer is not None:
-      try:
-        for k, v in dict(internal_scorer(item, wav16, EVAL_SAMPLE_RATE)).items():
-          row[f"internal_{k}"] = float(v)
-      except Exception as e:  # pylint: disable=broad-except
-        row["internal_error"] = _error(e)
-    n_ok = sum(1 for r in rows if r["status"] == "ok")
-    bar.set_postfix(wer=f"{100 * wer_sum / n_ok:.2f}%", failed=len(rows) - n_ok)
+    transcript = _transcription(asr, wav16)
+    if not transcript.done():
+      judging.append((row, item, transcript))
+    elif not _judge(row, item, transcript, lang):
+      bar.set_postfix(_progress(rows))
+      continue
+    _measure(run, row, item, wav16, speaker_encoder, internal_scorer)
+    bar.set_postfix(_progress(rows))
+  for row, item, transcript in judging:
+    _judge(row, item, transcript, lang)
 
   run_meta = {"mode": modes[0], "lang": lang, "asr": getattr(asr, "name", type(asr).__name__),
               "speaker_encoder": None if speaker_encoder is None else getattr(speaker_encoder, "name",
