@@ -419,8 +419,10 @@ def test_cli_scores_wav_folder_and_compares(corpus, tmp_path):
   assert "2 scored, 0 failed of 2" in done.stdout
   for name in ("results.json", "details.csv", "report.md", "plots/wer_hist.png", "items.lst"):
     assert (out_a / name).exists(), name
-  # In-process main() with --compare against the first run: same wavs, so no difference.
-  assert cli.main(["e2etts-eval", f"--out={out_b}", f"--compare={out_a / 'results.json'}"] + args) == 0
+  # In-process main() with --compare against the first run, judged by two worker processes: same wavs, so no
+  # difference.
+  assert cli.main(["e2etts-eval", f"--out={out_b}", f"--compare={out_a / 'results.json'}", "--asr_workers=2"]
+                  + args) == 0
   with open(out_b / "results.json", encoding="utf-8") as f:
     cmp = json.load(f)["compare"]
   assert cmp["n_common"] == 2 and cmp["wer"]["diff"] == 0.0 and cmp["wer"]["p_bootstrap"] == 1.0
@@ -429,6 +431,8 @@ def test_cli_scores_wav_folder_and_compares(corpus, tmp_path):
     cli.main(["e2etts-eval", f"--out={out_b}", f"--list={corpus / 'meta.lst'}"])
   with pytest.raises(cli.app.UsageError, match="unknown arguments"):
     cli.main(["e2etts-eval", f"--out={out_b}", "stray"] + args)
+  with pytest.raises(cli.app.UsageError, match="--asr_workers=0: need at least 1"):
+    cli.main(["e2etts-eval", f"--out={out_b}", "--asr_workers=0"] + args)
 
 
 def test_cli_workdir_uses_synthesis_module_or_says_it_is_missing(corpus, tmp_path, monkeypatch):

@@ -33,6 +33,8 @@ flags.DEFINE_bool("ceiling", False, "Score the list's ground-truth wavs instead 
 flags.DEFINE_string("asr", "pocketsphinx", "ASR judge: pocketsphinx (offline, English) or whisper.",
                     flag_values=FLAGS)
 flags.DEFINE_string("asr_model", None, "Local Whisper model folder for --asr whisper.", flag_values=FLAGS)
+flags.DEFINE_integer("asr_workers", 1, "Processes the judge transcribes in, beside synthesis and scoring "
+                     "(evaluation.ASRPool; same results); 1 = in this process.", flag_values=FLAGS)
 flags.DEFINE_string("speaker", "none", "Speaker encoder for SIM: none, resemblyzer, wavlm_ecapa or mfcc "
                     "(mfcc is a model-free smoke test, not a SIM to report).", flag_values=FLAGS)
 flags.DEFINE_string("speaker_checkpoint", None, "wavlm_ecapa: wavlm_large_finetune.pth.", flag_values=FLAGS)
@@ -99,6 +101,8 @@ def _evaluate_from_flags() -> int:
     raise app.UsageError("--inference sets how a --workdir system synthesises; it needs --workdir")
   if FLAGS.speaker == "internal":
     raise app.UsageError("--speaker internal needs a callable; use it from Python (speaker.CallableEncoder)")
+  if FLAGS.asr_workers < 1:
+    raise app.UsageError(f"--asr_workers={FLAGS.asr_workers}: need at least 1")
   if FLAGS.asr == "pocketsphinx" and FLAGS.lang != "en":
     raise app.UsageError("the bundled pocketsphinx model is English only; use --asr whisper for --lang zh")
   from e2etts_jax import evaluation  # pylint: disable=import-outside-toplevel  # heavy: after flag checks
@@ -108,14 +112,19 @@ def _evaluate_from_flags() -> int:
     raise app.UsageError(f"cannot read --list: {e}") from e
   asr_kwargs = {"model_path": FLAGS.asr_model, "language": FLAGS.lang, "device": FLAGS.device} \
       if FLAGS.asr == "whisper" else {}
-  asr = evaluation.make_asr(FLAGS.asr, **asr_kwargs)
   encoder = evaluation.make_speaker_encoder(FLAGS.speaker, **_speaker_kwargs())
   synthesize = _make_synthesize(FLAGS.workdir) if FLAGS.workdir else None
-  results = evaluation.evaluate(
-      items, FLAGS.out, synthesize=synthesize, wavs_dir=FLAGS.wavs, ceiling=FLAGS.ceiling, asr=asr,
-      speaker_encoder=encoder, lang=FLAGS.lang, ceiling_results=FLAGS.ceiling_results, compare_to=FLAGS.compare,
-      n_resamples=FLAGS.bootstrap, seed=FLAGS.seed, num_mel_plots=FLAGS.mel_plots, progress=FLAGS.progress,
-      meta={"list": FLAGS.list, "workdir": FLAGS.workdir, "inference": FLAGS.inference})
+  asr = evaluation.ASRPool(FLAGS.asr, FLAGS.asr_workers, **asr_kwargs) if FLAGS.asr_workers > 1 \
+      else evaluation.make_asr(FLAGS.asr, **asr_kwargs)
+  try:
+    results = evaluation.evaluate(
+        items, FLAGS.out, synthesize=synthesize, wavs_dir=FLAGS.wavs, ceiling=FLAGS.ceiling, asr=asr,
+        speaker_encoder=encoder, lang=FLAGS.lang, ceiling_results=FLAGS.ceiling_results, compare_to=FLAGS.compare,
+        n_resamples=FLAGS.bootstrap, seed=FLAGS.seed, num_mel_plots=FLAGS.mel_plots, progress=FLAGS.progress,
+        meta={"list": FLAGS.list, "workdir": FLAGS.workdir, "inference": FLAGS.inference})
+  finally:
+    if FLAGS.asr_workers > 1:
+      asr.close()
   s = results["summary"]
   c = s["counts"]
   if s["wer"]:
