@@ -233,3 +233,19 @@ def test_cli_names_a_bad_variant_and_a_missing_workdir(workdir, tmp_path):
   assert not os.path.exists(tmp_path / "diagnosis.json")
   with pytest.raises(app.UsageError, match="no \\*/diagnosis.json under"):
     cli.main(["e2etts-diagnose", f"--collect={tmp_path}"])
+
+
+def test_cli_judges_in_worker_processes_as_in_process(workdir, tmp_path):
+  from absl import app
+  from e2etts_jax.cli import diagnose as cli
+  args = [f"--workdir={workdir['run']}", f"--manifest={workdir['manifest']}", "--items=2",
+          "--variants=ground_truth", "--bootstrap=20", "--noprogress"]
+  assert cli.main(["e2etts-diagnose", f"--out={tmp_path / 'here'}"] + args) == 0
+  assert cli.main(["e2etts-diagnose", f"--out={tmp_path / 'pool'}", "--asr_workers=2"] + args) == 0
+  read = lambda run: json.load(open(tmp_path / run / "diagnosis.json"))["variants"]
+  assert read("pool") == read("here") and read("here")["ground_truth"]["scored"] == 2
+  rows = lambda run: [(r["utt"], r["hypothesis"], r["wer"])
+                      for r in csv.DictReader(open(tmp_path / run / "ground_truth" / "details.csv"))]
+  assert len(rows("pool")) == 2 and rows("pool") == rows("here")
+  with pytest.raises(app.UsageError, match="--asr_workers=0: need at least 1"):
+    cli.main(["e2etts-diagnose", f"--out={tmp_path / 'x'}", "--asr_workers=0"] + args)

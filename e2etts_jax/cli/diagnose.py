@@ -4,6 +4,7 @@
   e2etts-diagnose --workdir W --manifest M --out D --split train --items 16   # sentences it was trained on
   ... [--variants ground_truth,envelope,prior,resynthesis[,tts]] [--envelope_coeffs 20] [--seed 0]
   ... [--inference fm.temperature=0.5,fm.ode_steps=32]   # sample the FM otherwise than the trained config says
+  ... [--asr_workers 2]   # the judge transcribes in 2 worker processes while the next items are synthesised
   e2etts-diagnose --collect docs/diagnosis --md docs/diagnosis/table.md    # one table of many diagnoses
   e2etts-diagnose --collect D --baseline STUDY   # ... with each study's paired resynthesis WER against STUDY's
                                                  # (and, for recipes run with several seeds, paired over seeds)
@@ -41,6 +42,8 @@ flags.DEFINE_integer("envelope_coeffs", 20, "DCT coefficients over mel bins kept
 flags.DEFINE_integer("seed", 0, "FM noise and bootstrap seed.", flag_values=FLAGS)
 flags.DEFINE_integer("bootstrap", 1000, "Bootstrap resamples for confidence intervals.", flag_values=FLAGS)
 flags.DEFINE_bool("progress", True, "Show progress bars.", flag_values=FLAGS)
+flags.DEFINE_integer("asr_workers", 1, "Processes the judge transcribes in, beside synthesis "
+                     "(evaluation.ASRPool; same results); 1 = in this process.", flag_values=FLAGS)
 flag_parsing.define_inference_flag(FLAGS)
 flags.DEFINE_list("held_out_steps", None, "Instead of diagnosing: re-read the run's held-out loss terms at these "
                   "checkpoint steps (held_out.reread) and print each term's move from the first to the last.",
@@ -120,6 +123,8 @@ def _diagnose_from_flags() -> int:
   for name in ("workdir", "manifest", "out"):
     if not FLAGS[name].value:
       raise app.UsageError(f"--{name} is required")
+  if FLAGS.asr_workers < 1:
+    raise app.UsageError(f"--asr_workers={FLAGS.asr_workers}: need at least 1")
   from e2etts_jax import checkpoint, diagnosis, evaluation, main_job, perf, synthesis
   bad = [v for v in FLAGS.variants if v not in diagnosis.VARIANTS]
   if bad:
@@ -137,10 +142,16 @@ def _diagnose_from_flags() -> int:
   if not items:
     raise app.UsageError(f"{FLAGS.manifest} has no {FLAGS.split!r} sentences")
   t0 = time.perf_counter()
-  diagnosis.diagnose(synth, items, FLAGS.out, asr=evaluation.make_asr("pocketsphinx"),
-                     variants=FLAGS.variants, envelope_coeffs=FLAGS.envelope_coeffs, seed=FLAGS.seed,
-                     n_resamples=FLAGS.bootstrap, progress=FLAGS.progress,
-                     meta={"split": FLAGS.split, "manifest": FLAGS.manifest})
+  pooled = FLAGS.asr_workers > 1
+  asr = evaluation.ASRPool("pocketsphinx", FLAGS.asr_workers) if pooled else evaluation.make_asr("pocketsphinx")
+  try:
+    diagnosis.diagnose(synth, items, FLAGS.out, asr=asr,
+                       variants=FLAGS.variants, envelope_coeffs=FLAGS.envelope_coeffs, seed=FLAGS.seed,
+                       n_resamples=FLAGS.bootstrap, progress=FLAGS.progress,
+                       meta={"split": FLAGS.split, "manifest": FLAGS.manifest})
+  finally:
+    if pooled:
+      asr.close()
   with open(os.path.join(FLAGS.out, "diagnosis.md"), encoding="utf-8") as f:
     print(f.read())   # the table diagnose() wrote, with its own record of the run
   print(f"[e2etts-diagnose] {len(items)} {FLAGS.split} sentences in {time.perf_counter() - t0:.0f} s -> {FLAGS.out}")
