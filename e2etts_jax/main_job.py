@@ -37,8 +37,14 @@ import numpy as np
 from e2etts_jax import config_lib, provenance
 
 # Budget values for `configs/small.py` on 2 CPU cores, applied unless given on the command line.
-# - Batch 8 and one 250-frame bucket (utterances up to 5 s: 78% of the corpus): every (stage, length bucket) pair
-#   compiles once for 30-60 s, and a batch of 16 at 400 frames costs ~3x a batch of 8 at 250.
+# - Utterances up to 5 s (250 frames: 78% of the corpus), batched by frames (CosyVoice's dynamic batching): a batch
+#   of the length bucket F holds 6 * 250 / F rows (15, 10, 7, 6 in buckets of 100, 150, 200, 250 frames), 86-87% of
+#   its padded frames speech against 62-64% at batch 8 in one 250-frame bucket. At the same analytic FLOPs the job
+#   then takes 1267/100/100 steps instead of 950/75/75. With stage 2's RM and LLM and stage 3 slowed (below), over
+#   seeds 0-2 on an AVX2 VM it resynthesised all 100 held-out sentences 4.3 WER points better than 950/75/75 x 8
+#   (p = 0.004, lower in each seed; TTS -3.2, p = 0.25), every held-out loss falling in every stage (an AVX-512 VM
+#   read -7.6 with stage 3 unslowed; docs/diagnosis.md). Each (stage, bucket) pair compiles once for 30-40 s on 2
+#   cores, so stages 2 and 3 (100 steps each) train in one 250-frame bucket at batch 6.
 # - Where the steps go: the FM's capacity and steps are what resynthesis waits on (docs/diagnosis.md: small's FM
 #   reads far better than mini's, and 1500 -> 3000 stage-1 steps keep paying), while on this corpus the other three
 #   networks gain little from small's width (a 5x larger LLM: -0.07 nats). So the budget keeps small's FM, with a
@@ -46,14 +52,17 @@ from e2etts_jax import config_lib, provenance
 #   tokenizer, LLM and RM mini's shape (d 96 x 2 layers). On 2 idle cores of one AMD EPYC VM a stage-1 step then
 #   took 0.84 s (stages 2 and 3 ~0.8-0.9 s) instead of small's 1.36 s, and 800/150/150 steps took 18 min with the
 #   compiles, 22 min in all with the corpus and the scoring; on another, 0.35 s and 9 min in all. 950/75/75 is the
-#   same 1100 steps at about the same cost per step.
+#   same 1100 steps at about the same cost per step, and 1267/100/100 at batch 6 by frames the same analytic FLOPs.
 _MINI = config_lib.get_config("mini")
 _NET_SHAPE = ("d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim")
 QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
-    "data.batch_size": 8,
+    "data.batch_size": 6,
     "data.max_seconds": 5.0,
     "data.max_frames": 250,
-    "data.bucket_boundaries": (250,),
+    "data.dynamic_batch": True,
+    "data.bucket_boundaries": (100, 150, 200, 250),
+    "train.stage2.bucket_boundaries": (250,),
+    "train.stage3.bucket_boundaries": (250,),
     **{f"{net}.{k}": _MINI[net][k] for net in ("tokenizer", "llm", "rm") for k in _NET_SHAPE},
     # The paper's 3^8 (6561 codes), kept spread by the code-usage term's dependence part (tokenizer.usage_dependence,
     # 8/7 per channel in those runs, the config's 1 since): over 5 paired runs it resynthesises 7.4 WER points
@@ -67,15 +76,23 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # 800/150/150 resynthesise all 77 held-out sentences 6.4 WER points better (seeds 0-1, p = 0.007; the main
     # job's 20: -7.8, p = 0.024), every loss still falling in every stage and TTS not worse at p < 0.05 (+2.3,
     # p = 0.074); 150 more FM steps in stage 3 (-1.2, p = 0.51) and stage 2 at LR 1e-3 (-1.9, p = 0.28) did not
-    # (docs/diagnosis.md).
-    "train.stage1.steps": 950,
-    "train.stage2.steps": 75,
-    "train.stage3.steps": 75,
+    # (docs/diagnosis.md). Dynamic batches (above) then make them 1267/100/100 at the same compute.
+    "train.stage1.steps": 1267,
+    "train.stage2.steps": 100,
+    "train.stage3.steps": 100,
     # Measured at the former budget (small's four networks, 150/75/75): 75 steps at the config's 1e-4 barely moved
     # stage 3's E2E terms (held-out E2E speaker loss rose in 1 of 3 seeds); from the same stage-2 checkpoints, 3e-4
     # lowered every stage-3 term in all 3 seeds, each further than 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raised
     # the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
-    "train.stage3.learning_rate": 3e-4,
+    # With dynamic batches stage 3 at 3e-4 raised the next-token loss in each of 3 seeds (+0.003 to +0.008), and
+    # next-token weight 5 did not stop it; at 1e-4 every stage-3 term fell in each seed on 64 draw sets
+    # (docs/diagnosis.md).
+    "train.stage3.learning_rate": 1e-4,
+    # Stage 2 starts the RM and the LLM at their held-out optimum after stage 1: at the stage's full LR the RM's
+    # held-out loss rose in 1 of 3 seeds and the LLM overshot, so its next-token loss then rose in stage 3. At a
+    # third of the LR for both, every held-out term fell in stages 2 and 3 of each of 3 seeds (docs/diagnosis.md).
+    "train.stage2.lr_scale.rm": 0.3,
+    "train.stage2.lr_scale.llm": 0.3,
     # With these networks the E2E terms' first steps pull the LLM off its next-token optimum: at weight 1 the
     # held-out next-token loss rose in stage 3 (+0.03 nats, seed 0) while it falls without the E2E terms
     # (-0.012); LR 1e-4 does not stop that (+0.026), weight 2 leaves it flat (+0.001), and 3 lowers every term
@@ -84,14 +101,14 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     "train.log_every": 10,
     # The summary's "every loss falls" reads each stage's start and end only; the curves between need few points.
     "train.eval_every": 500,
-    # Held-out losses on every full test batch (9 batches of 8: 72 of the 77 held-out sentences) rather than the
+    # Held-out losses on every full test batch (12 batches of 6: 72 of the 77 held-out sentences) rather than the
     # config's 4: stage 3 moves the LLM's next-token loss by under 0.01 nats, and on the batch-4 runs' 32 rows
     # against 76 the sign of stage 3's move differed for 6 of 12 (seed, term) pairs (docs/diagnosis.md).
     "train.eval_batches": -1,
     # ...and over 4 sets of draws: re-read under 6 sets, stage 3's held-out E2E speaker term spanned 0.03-0.16
     # between sets, and its start-to-end move (-0.02 on their mean) took either sign, 3 of 6 sets each in two runs
     # (std 0.04 between sets), so one set decided the rule in a different seed each study. 4 sets halve that
-    # noise. One set of 9 batches takes 5.5-7 s on one core: 7 reads x 4 sets ~170 s, against 15 x 1 ~90 s (set by
+    # noise. One set of 9 batches of 8 took 5.5-7 s on one core: 7 reads x 4 sets ~170 s, against 15 x 1 ~90 s (set by
     # set; read in one call, 4 sets take 1.3-1.5 x less: held_out.CHUNK).
     "train.eval_draws": 4,
     "train.checkpoint_every": 200,

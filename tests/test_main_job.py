@@ -28,7 +28,14 @@ def test_budget_defaults_fit_and_yield_to_overrides():
   assert full.tokenizer.usage_dependence > 0   # without the dependence part 3^8's channels copy each other
   assert full.fm.to_dict() == {**small.fm.to_dict(), "encoder_layers": 4}
   assert full.train.stage1.learning_rate == 2e-3 != small.train.stage1.learning_rate
+  # Stage 1 batches by frames in four length buckets; the two short stages train in one (a compile per shape).
+  assert full.data.dynamic_batch and config_lib.stage_buckets(full, "stage1") == (100, 150, 200, 250)
+  assert config_lib.stage_buckets(full, "stage2") == config_lib.stage_buckets(full, "stage3") == (250,)
   assert full.train.stage3.weights.to_dict() == {**small.train.stage3.weights.to_dict(), "llm": 3.0}
+  # Stage 2 slows the RM and the LLM only; no other stage or network is scaled.
+  assert full.train.stage2.lr_scale.to_dict() == {**small.train.stage2.lr_scale.to_dict(), "rm": 0.3, "llm": 0.3}
+  assert full.train.stage3.lr_scale.to_dict() == small.train.stage3.lr_scale.to_dict()
+  assert full.train.lr_scale.to_dict() == small.train.lr_scale.to_dict()
   wide = config_lib.get_config("small")
   assert "llm.d_model" not in main_job.apply_defaults(wide, {"llm.d_model"}) and wide.llm.d_model == 192
   # The cascade gets the same steps with stage 3's in stage 2 (config_lib.make_cascaded), not an E2E stage 3.
