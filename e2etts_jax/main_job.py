@@ -42,7 +42,7 @@ from e2etts_jax import config_lib, provenance
 #   its padded frames speech against 62-64% at batch 8 in one 250-frame bucket. At the same analytic FLOPs the job
 #   then takes 1267/100/100 steps instead of 950/75/75. With stage 2's RM and LLM and stage 3 slowed (below), over
 #   seeds 0-2 on an AVX2 VM it resynthesised all 100 held-out sentences 4.3 WER points better than 950/75/75 x 8
-#   (p = 0.004, lower in each seed; TTS -3.2, p = 0.25), every held-out loss falling in every stage (an AVX-512 VM
+#   (p = 0.004, lower in each seed; TTS -3.5, p = 0.20), every held-out loss falling in every stage (an AVX-512 VM
 #   read -7.6 with stage 3 unslowed; docs/diagnosis.md). Each (stage, bucket) pair compiles once for 30-40 s on 2
 #   cores, so stages 2 and 3 (100 steps each) train in one 250-frame bucket at batch 6.
 # - Where the steps go: the FM's capacity and steps are what resynthesis waits on (docs/diagnosis.md: small's FM
