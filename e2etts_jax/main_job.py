@@ -85,8 +85,8 @@ QUICKSTART_DEFAULTS: dict[str, dict[str, Any]] = {"small": {
     # lowered every stage-3 term in all 3 seeds, each further than 1e-4 (LLM -0.18 vs -0.08 nats), and 1e-3 raised
     # the E2E speaker loss again in 1 of 3 (docs/diagnosis.md).
     # With dynamic batches stage 3 at 3e-4 raised the next-token loss in each of 3 seeds (+0.003 to +0.008), and
-    # next-token weight 5 did not stop it; at 1e-4 every stage-3 term fell in each seed on 64 draw sets
-    # (docs/diagnosis.md).
+    # next-token weight 5 did not stop it; at 1e-4, with stage 2 slowed as below, every stage-3 term fell in each
+    # of 3 seeds (docs/diagnosis.md).
     "train.stage3.learning_rate": 1e-4,
     # Stage 2 starts the RM and the LLM at their held-out optimum after stage 1: at the stage's full LR the RM's
     # held-out loss rose in 1 of 3 seeds and the LLM overshot, so its next-token loss then rose in stage 3. At a
