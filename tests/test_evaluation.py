@@ -366,8 +366,13 @@ def test_asr_pool_scores_as_the_judge_in_process(corpus, pocketsphinx_asr, tmp_p
   common = dict(wavs_dir=str(corpus / "gt"), speaker_encoder=speaker.make_speaker_encoder("mfcc"), n_resamples=200,
                 num_mel_plots=0, progress=False)
   serial = harness.evaluate(items, str(tmp_path / "serial"), asr=pocketsphinx_asr, **common)
-  with asr_lib.ASRPool("pocketsphinx", workers=2) as pool:
+  with asr_lib.judge("pocketsphinx", workers=2) as pool:   # the CLIs' --asr_workers=2
+    assert isinstance(pool, asr_lib.ASRPool) and pool.workers == 2
     pooled = harness.evaluate(items, str(tmp_path / "pooled"), asr=pool, **common)
+  with pytest.raises(RuntimeError, match="shutdown"):   # left, the pool is shut down
+    pool.submit(np.zeros(1600, np.float32), 16000)
+  with asr_lib.judge("pocketsphinx") as one:
+    assert isinstance(one, asr_lib.PocketSphinxASR)
   assert pooled["utterances"] == serial["utterances"] and pooled["failures"] == serial["failures"]
   assert pooled["summary"]["counts"] == {"items": 4, "scored": 3, "failed": 1, "sim_scored": 3, "sim_failed": 0}
   assert [r["hypothesis"] for r in _read_details(tmp_path / "pooled" / "details.csv")] == \

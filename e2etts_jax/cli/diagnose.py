@@ -142,16 +142,11 @@ def _diagnose_from_flags() -> int:
   if not items:
     raise app.UsageError(f"{FLAGS.manifest} has no {FLAGS.split!r} sentences")
   t0 = time.perf_counter()
-  pooled = FLAGS.asr_workers > 1
-  asr = evaluation.ASRPool("pocketsphinx", FLAGS.asr_workers) if pooled else evaluation.make_asr("pocketsphinx")
-  try:
+  with evaluation.judge("pocketsphinx", FLAGS.asr_workers) as asr:
     diagnosis.diagnose(synth, items, FLAGS.out, asr=asr,
                        variants=FLAGS.variants, envelope_coeffs=FLAGS.envelope_coeffs, seed=FLAGS.seed,
                        n_resamples=FLAGS.bootstrap, progress=FLAGS.progress,
                        meta={"split": FLAGS.split, "manifest": FLAGS.manifest})
-  finally:
-    if pooled:
-      asr.close()
   with open(os.path.join(FLAGS.out, "diagnosis.md"), encoding="utf-8") as f:
     print(f.read())   # the table diagnose() wrote, with its own record of the run
   print(f"[e2etts-diagnose] {len(items)} {FLAGS.split} sentences in {time.perf_counter() - t0:.0f} s -> {FLAGS.out}")

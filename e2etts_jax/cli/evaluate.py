@@ -114,17 +114,12 @@ def _evaluate_from_flags() -> int:
       if FLAGS.asr == "whisper" else {}
   encoder = evaluation.make_speaker_encoder(FLAGS.speaker, **_speaker_kwargs())
   synthesize = _make_synthesize(FLAGS.workdir) if FLAGS.workdir else None
-  asr = evaluation.ASRPool(FLAGS.asr, FLAGS.asr_workers, **asr_kwargs) if FLAGS.asr_workers > 1 \
-      else evaluation.make_asr(FLAGS.asr, **asr_kwargs)
-  try:
+  with evaluation.judge(FLAGS.asr, FLAGS.asr_workers, **asr_kwargs) as asr:
     results = evaluation.evaluate(
         items, FLAGS.out, synthesize=synthesize, wavs_dir=FLAGS.wavs, ceiling=FLAGS.ceiling, asr=asr,
         speaker_encoder=encoder, lang=FLAGS.lang, ceiling_results=FLAGS.ceiling_results, compare_to=FLAGS.compare,
         n_resamples=FLAGS.bootstrap, seed=FLAGS.seed, num_mel_plots=FLAGS.mel_plots, progress=FLAGS.progress,
         meta={"list": FLAGS.list, "workdir": FLAGS.workdir, "inference": FLAGS.inference})
-  finally:
-    if FLAGS.asr_workers > 1:
-      asr.close()
   s = results["summary"]
   c = s["counts"]
   if s["wer"]:

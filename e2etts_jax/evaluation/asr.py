@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import contextlib
 import multiprocessing
 import os
 from typing import Callable, Sequence
@@ -161,6 +162,18 @@ def make_asr(name: str, **kwargs) -> ASR:
   if name not in _REGISTRY:
     raise ValueError(f"unknown ASR {name!r}; choose one of {', '.join(_REGISTRY)}")
   return _REGISTRY[name](**kwargs)
+
+
+@contextlib.contextmanager
+def judge(name: str, workers: int = 1, **kwargs):
+  """The judge of a scoring command's `--asr_workers`: an `ASRPool` of `workers` processes beside synthesis when
+  workers > 1 (shut down on the way out, however it is left), else `make_asr` in this process. Same transcripts
+  either way."""
+  if workers > 1:
+    with ASRPool(name, workers, **kwargs) as pool:
+      yield pool
+  else:
+    yield make_asr(name, **kwargs)
 
 
 # The worker process's judge, built on its first item (one per process; a decoder is not picklable).
