@@ -253,7 +253,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
   overrides: the {key: value} config overrides the study was given (already applied to `config`): recorded in each
   run's summary (main_job) and, as sorted 'key=value' strings, in its results.json.
   """
-  from e2etts_jax import flops, main_job
+  from e2etts_jax import flops, main_job, trainer
   for v in variants:
     if v not in VARIANTS:
       raise ValueError(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
@@ -262,7 +262,7 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
   if not config.data.shards:
     config.data.shards = os.path.join(out, "shards")
   study_steps = sum(int(config.train[s].steps) for s in config_lib.STAGES)
-  paths = []
+  paths, refused = [], []
   for seed in seeds:
     for v in variants:
       workdir = os.path.join(out, v, f"seed{seed}")
@@ -273,12 +273,21 @@ def run_study(config: ml_collections.ConfigDict, out: str, variants: Sequence[st
         continue
       print(f"[ablate] {v} seed {seed} -> {workdir}", flush=True)
       c = variant_config(config, v, seed)
-      summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
-                             eval_items=eval_items, eval_seed=seed, progress=progress, overrides=overrides)
+      try:
+        summary = main_job.run(c, workdir, corpus_dir=corpus_dir, num_utterances=num_utterances,
+                               eval_items=eval_items, eval_seed=seed, progress=progress, overrides=overrides)
+      except trainer.ResumeError as e:   # a run begun under another study config: the others go on
+        print(f"[ablate] {v} seed {seed}: refused: {e}", flush=True)
+        refused.append(workdir)
+        continue
       res = run_results(summary, workdir, variant=v, seed=seed, commit=commit,
                         overrides=[f"{k}={val}" for k, val in sorted((overrides or {}).items())],
                         study_steps=study_steps, train_flops=flops.train_flops(c))
       _write_json(path, res)
+  if refused:
+    raise trainer.ResumeError(
+        f"{len(refused)} of {len(paths)} runs refused, each begun under another config (see above; the others are "
+        f"done): {', '.join(refused)}. Finish them under the config they began with, or move them away")
   return paths
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import math
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import ml_collections
 
@@ -646,6 +647,22 @@ def flatten(values: dict, prefix: str = "") -> dict:
     else:
       out[f"{prefix}{k}"] = v
   return out
+
+
+def differences(old, new) -> list[tuple[str, Any, Any]]:
+  """[(key, old value, new value)] for every flattened key where two configs differ, in key order; a key one of
+  them lacks reads '(absent)'. Either may be a ConfigDict or a config's JSON dict (tuples compare as lists)."""
+  def flat(c):
+    return flatten(json.loads(c.to_json_best_effort()) if isinstance(c, ml_collections.ConfigDict) else c)
+  a, b = flat(old), flat(new)
+  absent = "(absent)"
+  return [(k, a.get(k, absent), b.get(k, absent)) for k in sorted(a.keys() | b.keys())
+          if k not in a or k not in b or a[k] != b[k]]
+
+
+def describe_differences(diffs: list[tuple[str, Any, Any]]) -> str:
+  """'key: old -> new; ...' of `differences`."""
+  return "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diffs)
 
 
 def fsq_codebook_size(levels: Sequence[int]) -> int:

@@ -446,11 +446,14 @@ def _eval_summary(results: Mapping) -> dict:
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num_utterances: int,
         eval_items: int = 20, corpus_seed: int = 0, test_fraction: float = 0.1, eval_seed: int = 0,
-        workers: Optional[int] = None, progress: bool = True, overrides: Optional[Mapping[str, Any]] = None) -> dict:
+        workers: Optional[int] = None, progress: bool = True, overrides: Optional[Mapping[str, Any]] = None,
+        allow_config_change: bool = False) -> dict:
   """Runs every phase (see the module docstring) and returns the summary dict (also written to the workdir).
 
   overrides: the {key: value} config overrides the run was given (the command line's --config.*), recorded in the
-  summary so that it names its recipe (config.json holds the whole config)."""
+  summary so that it names its recipe (config.json holds the whole config).
+  allow_config_change: resume a workdir trained under another config (trainer.train; else refused, naming the
+  changed keys)."""
   from e2etts_jax import config_lib, corpus, perf, prepare, trainer
   import jax
   perf.enable_compilation_cache()
@@ -460,6 +463,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
     config.data.shards = os.path.join(workdir, "shards")
   config_lib.validate(config, jax.device_count())
   workers = workers or os.cpu_count() or 1
+  # Before the corpus and shards: a workdir trained under another config is refused with its shards untouched.
+  trainer.check_resume(config, workdir, allow_config_change=allow_config_change)
   phases = _Phases()
 
   manifest = phases.run("corpus", lambda: corpus.build_corpus(
@@ -473,7 +478,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
   plan = trainer.stage_plan(config)
   _say("training " + ", ".join(f"{s}: {n} steps" for s, _, n in plan) + " (the bar's ETA includes compiles "
        "of each new stage/bucket, 30-60 s each on 2 cores)")
-  result = phases.run("train", lambda: trainer.train(config, workdir, progress=progress))
+  result = phases.run("train", lambda: trainer.train(config, workdir, progress=progress,
+                                                     allow_config_change=allow_config_change))
   if result.preempted:
     _say("training was interrupted (SIGTERM); re-run the same command to resume")
     sys.exit(1)
@@ -597,9 +603,15 @@ def main(argv) -> None:
   applied = apply_defaults(config, overridden) if FLAGS.budget_defaults else {}
   if applied:
     _say("quickstart budget defaults: " + ", ".join(f"{k}={v}" for k, v in applied.items()))
-  run(config, FLAGS.workdir, corpus_dir=FLAGS.corpus_dir, num_utterances=FLAGS.num_utterances,
-      eval_items=FLAGS.eval_items, corpus_seed=FLAGS.corpus_seed, test_fraction=FLAGS.test_fraction,
-      eval_seed=FLAGS.eval_seed, workers=FLAGS.workers, overrides=given)
+  from e2etts_jax import trainer
+  try:
+    run(config, FLAGS.workdir, corpus_dir=FLAGS.corpus_dir, num_utterances=FLAGS.num_utterances,
+        eval_items=FLAGS.eval_items, corpus_seed=FLAGS.corpus_seed, test_fraction=FLAGS.test_fraction,
+        eval_seed=FLAGS.eval_seed, workers=FLAGS.workers, overrides=given,
+        allow_config_change=FLAGS.allow_config_change)
+  except trainer.ResumeError as e:   # a re-run with other overrides or defaults than the workdir's: say so, no trace
+    _say(f"cannot resume: {e}")
+    sys.exit(2)
 
 
 def _define_flags():
@@ -616,6 +628,8 @@ def _define_flags():
   flags.DEFINE_integer("eval_items", 20, "Test items scored per system (0 = all), spread over speakers.")
   flags.DEFINE_integer("eval_seed", 0, "Prompt choice, synthesis and bootstrap seed.")
   flags.DEFINE_integer("workers", None, "Processes for corpus synthesis and features (default: all cores).")
+  flags.DEFINE_bool("allow_config_change", False, "Resume a workdir trained under another config (its "
+                    "config.json); else refused, naming the changed keys.")
   flags.DEFINE_bool("budget_defaults", True, "Apply QUICKSTART_DEFAULTS (keys given as --config.* still win).")
 
 

@@ -33,6 +33,11 @@ class TrainingError(RuntimeError):
   """Training cannot go on (e.g. too many non-finite steps in a row); the message says why."""
 
 
+class ResumeError(TrainingError):
+  """A workdir's checkpoint cannot go on under this config (another stage budget, or keys that change training);
+  raised before anything in the workdir is touched."""
+
+
 @dataclasses.dataclass
 class TrainResult:
   state: Any                      # the final TrainState (params of all four networks)
@@ -121,7 +126,10 @@ def branch(source: str, step: int, workdir: str) -> None:
   with the run files a resume reads and the metrics logged up to that step, so `train` on `workdir` continues from
   there under its own config: e.g. stage 3 with another recipe from one stage-2 checkpoint, every arm from the same
   start. `train` then checks the config as on any resume (the step must lie in the same stage; a state that does
-  not restore names the keys changed against `source`'s config.json). `source` is left untouched. Process 0 copies;
+  not restore names the keys changed against `source`'s config.json); its first `train` takes
+  `allow_config_change=True` to go on under other keys than `source`'s, which it logs to the workdir's
+  config_changes.jsonl, and later resumes compare with the branch's own config. `branch.json` records `source` and
+  `step`. `source` is left untouched. Process 0 copies;
   the others must wait for it (`multihost_utils.sync_global_devices`) before training."""
   src = os.path.join(source, "checkpoints")
   steps = sorted(int(d) for d in os.listdir(src) if d.isdigit()) if os.path.isdir(src) else []
@@ -140,6 +148,8 @@ def branch(source: str, step: int, workdir: str) -> None:
   if jax.process_index() != 0:
     return
   os.makedirs(dst, exist_ok=True)
+  with open(os.path.join(workdir, BRANCH), "w") as f:
+    json.dump({"source": os.path.abspath(source), "step": step}, f)
   for name in ("config.json", "data_info.json", "spm.model"):
     if os.path.exists(os.path.join(source, name)):
       shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name))
@@ -225,10 +235,12 @@ def _host(metrics: dict) -> dict:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Optional[int] = None,
-          progress: bool = True, mesh=None) -> TrainResult:
+          progress: bool = True, mesh=None, allow_config_change: bool = False) -> TrainResult:
   """Trains the stages of `config` in `workdir` (resuming if it holds checkpoints).
 
   stop_after: stop once this many global steps are done (checkpointing there), e.g. to test resumption.
+  allow_config_change: resume under a config that differs from the workdir's config.json in keys outside
+  RESUME_FREE (else ResumeError names them); the changes are logged and appended to its config_changes.jsonl.
   """
   config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
   mesh = mesh or sharding.make_mesh(config.mesh)
@@ -241,9 +253,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
                                  config.train.keep_checkpoints)
   latest = ckpt.latest_step()
   meta = None if latest is None else ckpt.restore_meta(latest)
+  changed = []
   if meta is not None:
     try:
       _check_resumable(plan, latest, meta["stage"], ckpt.directory)
+      changed = _resume_changes(workdir, config, latest, allow_config_change)
     except TrainingError:
       ckpt.close()
       raise
@@ -269,6 +283,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
         raise checkpoint.CheckpointError(f"{e}\n{_config_changes(workdir, config)}") from e
       start_global = latest
       log.info("resumed from %s step %d (stage %s)", ckpt.directory, latest, stage)
+      if changed:
+        log.warning("resuming %s at step %d under %d changed key(s): %s", workdir, latest, len(changed),
+                    config_lib.describe_differences(changed))
+        if jax.process_index() == 0:
+          with open(os.path.join(workdir, CONFIG_CHANGES), "a") as f:
+            f.write(json.dumps({"step": latest, "changes": {k: [a, b] for k, a, b in changed}}) + "\n")
     # Only now: a refused resume leaves the workdir's config.json as the run that wrote its checkpoints left it.
     write_run_files(workdir, config, info)
 
@@ -346,14 +366,33 @@ def _train_iterator(config: ml_collections.ConfigDict, mesh, stage: str):
   return input_pipeline.make_global_iterator(config_lib.stage_data(config, stage), mesh, "train", seed=config.seed)
 
 
+def check_resume(config: ml_collections.ConfigDict, workdir: str, *,
+                 allow_config_change: bool = False) -> list[tuple[str, Any, Any]]:
+  """The changed keys (`config_lib.differences`, outside RESUME_FREE) that `train` would resume `workdir` under ([]
+  for a workdir without checkpoints). Raises ResumeError where `train` would refuse, so a caller can ask before it
+  rewrites anything the workdir's run was made from (main_job: its shards)."""
+  directory = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(directory):
+    return []
+  ckpt = checkpoint.Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
+  try:
+    latest = ckpt.latest_step()
+    if latest is None:
+      return []
+    _check_resumable(stage_plan(config), latest, ckpt.restore_meta(latest)["stage"], ckpt.directory)
+    return _resume_changes(workdir, config, latest, allow_config_change)
+  finally:
+    ckpt.close()
+
+
 def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
-  """Raises TrainingError unless global `step`, saved in `stage`, lies within that stage of `plan`: another stage
+  """Raises ResumeError unless global `step`, saved in `stage`, lies within that stage of `plan`: another stage
   budget would continue the checkpoint in the wrong stage, schedule or optimizer state."""
   spans = {s: (first, first + steps) for s, first, steps in plan}
   if stage in spans and spans[stage][0] <= step <= spans[stage][1]:
     return
   where = ", ".join(f"{s} steps {a}-{b}" for s, (a, b) in spans.items())
-  raise TrainingError(
+  raise ResumeError(
       f"{directory} holds global step {step} of {stage}, which this config's stages ({where}) do not place in "
       f"{stage}: resume with the stage budgets that wrote it (its workdir's config.json), or start another "
       f"workdir (train.init_from takes its parameters)")
@@ -366,19 +405,50 @@ def _config_changes(workdir: str, config: ml_collections.ConfigDict) -> str:
   path = os.path.join(workdir, "config.json")
   try:
     with open(path) as f:
-      old = config_lib.flatten(json.load(f))
+      changed = config_lib.differences(json.load(f), config)
   except (OSError, ValueError) as e:
     return f"its config ({path}) cannot be read to compare: {type(e).__name__}: {e}"
-  new = config_lib.flatten(json.loads(config.to_json_best_effort()))
-  absent = "(absent)"
-  changed = [f"{k}: {old.get(k, absent)!r} -> {new.get(k, absent)!r}"
-             for k in sorted(old.keys() | new.keys()) if k not in old or k not in new or old[k] != new[k]]
   if not changed:
     return (f"this config matches {path}, so the checkpoint itself is damaged or was written by another version "
             f"of the code")
   return (f"this config differs from the one that wrote it ({path}) in {len(changed)} key(s): "
-          f"{'; '.join(changed)}. Resume with that config, or start another workdir "
+          f"{config_lib.describe_differences(changed)}. Resume with that config, or start another workdir "
           f"(train.init_from takes its parameters)")
+
+
+# Keys a resume may change without changing what the checkpoint's run goes on to compute: where the data lies
+# (a moved workdir), how it is read, how often it logs, evaluates and checkpoints, the mesh (a resume reshards),
+# rematerialisation, and the warm start (read only by a run's first step).
+RESUME_FREE = ("data.manifest", "data.shards", "data.num_workers", "data.prefetch", "mesh.", "model.remat",
+               "model.scan_unroll", "train.log_every", "train.eval_every", "train.eval_batches", "train.eval_draws",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.max_bad_steps", "train.init_from",
+               "train.init_networks")
+CONFIG_CHANGES = "config_changes.jsonl"   # one row per resume that went on under changed keys
+BRANCH = "branch.json"                    # where trainer.branch started a workdir: {"source", "step"}
+
+
+def _resume_changes(workdir: str, config: ml_collections.ConfigDict, step: int,
+                    allow: bool) -> list[tuple[str, Any, Any]]:
+  """The keys outside RESUME_FREE in which `config` differs from the workdir's config.json (the run that wrote the
+  checkpoint at `step`). Raises ResumeError naming them unless `allow`: resuming under another loss weight,
+  learning rate or budget would train a run its config.json no longer describes."""
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ResumeError(f"cannot resume {workdir}: its config ({path}) cannot be read to compare this config "
+                      f"with: {type(e).__name__}: {e}") from e
+  changed = [d for d in config_lib.differences(saved, config)
+             if not any(d[0] == k or (k.endswith(".") and d[0].startswith(k)) for k in RESUME_FREE)]
+  if not changed or allow:
+    return changed
+  raise ResumeError(
+      f"{workdir} was trained to step {step} under another config ({path}), which this one changes in "
+      f"{len(changed)} key(s): {config_lib.describe_differences(changed)}. Resume with that config; or go on "
+      f"under this one on purpose with allow_config_change (e2etts-train/main_job --allow_config_change; the "
+      f"changes are then logged to {CONFIG_CHANGES}); or start another workdir (e2etts-train --branch_from "
+      f"{workdir}:{step} keeps this one as it is)")
 
 
 class _StepLogger:

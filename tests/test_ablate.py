@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats as sstats
 
-from e2etts_jax import ablate, config_lib, flops, provenance
+from e2etts_jax import ablate, config_lib, flops, provenance, trainer
 from e2etts_jax.system import DataInfo
 
 
@@ -152,6 +152,18 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   ablate.run_study(c, str(tmp_path), ["e2e", "cascaded", "cascaded_equal_flops"], [0], corpus_dir="x",
                    num_utterances=10, eval_items=3, progress=False)
   assert len(calls) == 5
+  # A run the main job refuses to resume (begun under another config) is named; the others go on and are counted.
+  def refusing(config, workdir, **kw):
+    if "cascaded" in workdir:
+      raise trainer.ResumeError(f"{workdir} was trained to step 3 under another config")
+    return fake_run(config, workdir, **kw)
+
+  monkeypatch.setattr(main_job, "run", refusing)
+  with pytest.raises(trainer.ResumeError, match=rf"1 of 2 runs refused, .*: {tmp_path}/cascaded/seed2\. "):
+    ablate.run_study(c, str(tmp_path), ["cascaded", "e2e"], [2], corpus_dir="x", num_utterances=10,
+                     eval_items=3, progress=False)
+  assert os.path.exists(tmp_path / "e2e" / "seed2" / "results.json")
+  assert not os.path.exists(tmp_path / "cascaded" / "seed2" / "results.json")
 
 
 def test_stage_column_names_a_batch_only_where_a_stage_has_its_own():

@@ -1,9 +1,12 @@
-"""The main job's own logic: budget defaults vs command-line overrides, item choice, losses and the summary."""
+"""The main job's own logic: budget defaults vs command-line overrides, the resume check, item choice, losses and
+the summary."""
 import json
+import os
+import shutil
 
 import pytest
 
-from e2etts_jax import config_lib, main_job
+from e2etts_jax import config_lib, main_job, trainer
 from e2etts_jax.evaluation.metalist import EvalItem
 
 
@@ -225,3 +228,17 @@ def test_speaker_ranking_counts_outputs_nearest_their_prompt_speaker(tmp_path):
   assert r == {"speakers": 2, "tts": {"top1": 0.75, "n": 4}, "ceiling": {"top1": 1.0, "n": 4}}
   one = main_job.speaker_ranking(embed, items[:2], {"tts": str(dirs["tts"])})
   assert one == {"speakers": 1}   # one speaker: nothing to rank against
+
+
+def test_a_rerun_under_another_config_is_refused_before_the_corpus(workdir, tmp_path):
+  """main_job.run asks trainer.check_resume first: a workdir trained under another loss weight is refused naming
+  the key, before the corpus, the shards or the workdir are touched."""
+  run = tmp_path / "run"
+  shutil.copytree(workdir["run"], run)
+  c = trainer.load_config(str(run))
+  c.mesh.update(data=4, tensor=2)   # the test process's 8 devices take tiny's batch of 4 (the mesh is free)
+  c.train.stage1.weights.fm = 2.0
+  with pytest.raises(trainer.ResumeError, match=r"in 1 key\(s\): train\.stage1\.weights\.fm: 1\.0 -> 2\.0\. "):
+    main_job.run(c, str(run), corpus_dir=str(tmp_path / "corpus"), num_utterances=10, progress=False)
+  assert not (tmp_path / "corpus").exists()
+  assert sorted(os.listdir(run)) == sorted(os.listdir(workdir["run"]))

@@ -2,6 +2,7 @@
 SIGTERM preemption, and two processes over jax.distributed."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -229,10 +230,14 @@ def test_warm_start_takes_the_named_networks_from_another_workdir(tiny_shards, t
       np.testing.assert_array_equal(a, b, err_msg=net)
   assert any((a != b).any() for a, b in zip(_leaves(params["tokenizer"]), _leaves(fresh["tokenizer"])))
 
-  # A workdir with checkpoints of its own resumes from them and never reads init_from again.
+  # A workdir with checkpoints of its own resumes from them and never reads init_from again (a key a resume may
+  # change freely; the longer stage is a change it must be allowed, and is logged).
   c.train.stage2.steps = 2
   c.train.init_from = str(tmp_path / "gone")
-  assert trainer.train(c, str(tmp_path / "warm"), progress=False, mesh=_mesh((1, 1, 1))).global_step == 2
+  warm = str(tmp_path / "warm")
+  assert trainer.train(c, warm, progress=False, mesh=_mesh((1, 1, 1)), allow_config_change=True).global_step == 2
+  with open(os.path.join(warm, trainer.CONFIG_CHANGES)) as f:
+    assert [json.loads(line) for line in f] == [{"step": 1, "changes": {"train.stage2.steps": [1, 2]}}]
 
 
 def test_warm_start_names_a_network_that_does_not_fit_and_a_missing_source(tiny_shards, trained_source, tmp_path,
@@ -280,12 +285,24 @@ def test_a_branch_continues_its_source_exactly_or_under_its_own_config(tiny_shar
   assert metric_writer.read_metrics(same, "eval") == metric_writer.read_metrics(source, "eval")
   assert [(r["step"], r["stage"]) for r in metric_writer.read_metrics(same, "eval")] == [
       (0, 1.0), (2, 1.0), (2, 2.0), (4, 2.0), (4, 3.0), (7, 3.0)]
-  c.train.stage3.learning_rate = 10 * c.train.stage3.learning_rate
+  assert json.load(open(os.path.join(same, trainer.BRANCH))) == {"source": source, "step": 4}
+  assert not os.path.exists(os.path.join(same, trainer.CONFIG_CHANGES))   # it went on under the source's config
+  lr = c.train.stage3.learning_rate
+  c.train.stage3.learning_rate = 10 * lr
   other = str(tmp_path / "other")
   trainer.branch(source, 4, other)
-  moved = _losses(trainer.train(c, other, progress=False, mesh=mesh).history)
+  with pytest.raises(trainer.ResumeError, match=r"in 1 key\(s\): train\.stage3\.learning_rate: "):
+    trainer.train(c, other, progress=False, mesh=mesh)   # under its own config only when told so
+  moved = _losses(trainer.train(c, other, progress=False, mesh=mesh, allow_config_change=True).history)
   # Step 5's loss is read before any update, and its warm-up step has a zero rate: step 7 is the first to differ.
   assert moved[5] == full[5] and moved[7] != full[7]
+  # The keys it went on under are logged; past its branch point it compares with its own config.
+  with open(os.path.join(other, trainer.CONFIG_CHANGES)) as f:
+    assert [json.loads(line) for line in f] == [{"step": 4, "changes": {"train.stage3.learning_rate": [lr, 10 * lr]}}]
+  c.train.stage3.learning_rate = lr
+  with pytest.raises(trainer.ResumeError, match=rf"trained to step 7 under another config .* in 1 key\(s\): "
+                                                rf"train\.stage3\.learning_rate: {10 * lr!r} -> {lr!r}\. "):
+    trainer.train(c, other, progress=False, mesh=mesh)
   assert sorted(os.listdir(os.path.join(source, "checkpoints"))) == saved
   assert open(os.path.join(source, metric_writer.JSONL)).read() == logged
   listed = ", ".join(sorted(saved, key=int))
@@ -305,20 +322,54 @@ def test_resume_refuses_a_checkpoint_its_stage_budgets_misplace(tiny_shards, tra
   assert open(os.path.join(run, "config.json")).read() == written   # the refused run changed nothing
 
 
+def test_resume_refuses_keys_that_change_training_unless_allowed(tiny_shards, trained_source, tmp_path):
+  """A resume under another loss weight (or any key outside trainer.RESUME_FREE) would train a run its config.json
+  no longer describes: refused, naming the keys, with nothing written; allowed, it goes on and logs them."""
+  run = str(tmp_path / "run")
+  shutil.copytree(trained_source, run)
+  written = open(os.path.join(run, "config.json")).read()
+  c = tiny_train_config(tiny_shards, steps=(2, 0, 0))
+  c.train.update(log_every=5, eval_every=7, checkpoint_every=9)   # how often, not what: free
+  c.mesh.data = 1
+  assert trainer.check_resume(c, run) == []
+  c.train.stage1.weights.llm = 0.5
+  c.train.gumbel_tau = 0.5
+  refusal = (r"trained to step 2 under another config .* in 2 key\(s\): train\.gumbel_tau: 1\.0 -> 0\.5; "
+             r"train\.stage1\.weights\.llm: 0\.1 -> 0\.5\. Resume with that config")
+  with pytest.raises(trainer.ResumeError, match=refusal):
+    trainer.check_resume(c, run)
+  with pytest.raises(trainer.ResumeError, match=refusal):
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+  assert open(os.path.join(run, "config.json")).read() == written
+  assert not os.path.exists(os.path.join(run, trainer.CONFIG_CHANGES))
+  assert trainer.check_resume(c, run, allow_config_change=True) == [
+      ("train.gumbel_tau", 1.0, 0.5), ("train.stage1.weights.llm", 0.1, 0.5)]
+  assert trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)), allow_config_change=True).global_step == 2
+  with open(os.path.join(run, trainer.CONFIG_CHANGES)) as f:
+    assert [json.loads(line) for line in f] == [
+        {"step": 2, "changes": {"train.gumbel_tau": [1.0, 0.5], "train.stage1.weights.llm": [0.1, 0.5]}}]
+  assert trainer.check_resume(c, run) == []   # its config.json is now the one it went on under
+  assert trainer.check_resume(c, str(tmp_path / "fresh")) == []
+
+
 def test_resume_with_another_optimizer_names_the_changed_key_and_keeps_the_config(tiny_shards, trained_source):
   run = trained_source
   written = open(os.path.join(run, "config.json")).read()
   c = tiny_train_config(tiny_shards, steps=(2, 0, 0))
   c.train.optimizer = "muon"   # another optimizer state tree than the checkpoint's AdamW one
+  with pytest.raises(trainer.ResumeError, match=r"in 1 key\(s\): train\.optimizer: 'adamw' -> 'muon'\. "):
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+  # Allowed to go on under it, the state still does not restore: the restore error names the key as well.
   with pytest.raises(checkpoint.CheckpointError,
                      match=r"(?s)cannot restore step 2 .*differs from the one that wrote it .* in 1 key\(s\): "
                            r"train\.optimizer: 'adamw' -> 'muon'\. Resume with that config"):
-    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)), allow_config_change=True)
   d = c.llm.d_model
   c.llm.d_model = 2 * d   # every changed key is named, in key order
   with pytest.raises(checkpoint.CheckpointError,
                      match=rf"in 2 key\(s\): llm\.d_model: {d} -> {2 * d}; train\.optimizer: 'adamw' -> 'muon'\. "):
-    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)))
+    trainer.train(c, run, progress=False, mesh=_mesh((1, 1, 1)), allow_config_change=True)
+  assert not os.path.exists(os.path.join(run, trainer.CONFIG_CHANGES))   # logged only once it goes on
   assert open(os.path.join(run, "config.json")).read() == written
   kept = checkpoint.Checkpointer(os.path.join(run, "checkpoints"), 1, 1)
   assert kept.latest_step() == 2
@@ -371,6 +422,29 @@ def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tiny_shards, tm
   a, b = _metrics(full), _metrics(killed)
   assert sorted(a) == sorted(b) == list(range(1, 9))
   assert [b[s] for s in range(1, 9)] == [a[s] for s in range(1, 9)]   # exact, not approximate
+
+
+def test_cli_branch_says_where_it_parts_from_config_and_a_later_resume_under_it_is_refused(tiny_shards, trained_source,
+                                                                                          tmp_path):
+  """e2etts-train --branch_from trains under the source's config.json and prints the keys where that differs from
+  --config; a later plain resume under --config is refused (exit 1) naming the keys, its config.json untouched."""
+  workdir = str(tmp_path / "branch")
+  cmd = _train_cmd(tiny_shards, workdir, steps=2)
+  out = subprocess.run(cmd + [f"--branch_from={trained_source}:2", "--config.train.stage1.weights.llm=0.5"],
+                       env=_env(), capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert "done: step 2" in out.stdout
+  # tiny_train_config's stage LRs are not the file's; the override is in both, so not among them.
+  assert f"differ from it (--config -> {trained_source}): " in out.stdout
+  assert "train.stage2.learning_rate: 0.0003 -> 0.002" in out.stdout and "weights.llm" not in out.stdout
+  with open(os.path.join(workdir, trainer.CONFIG_CHANGES)) as f:   # mesh and checkpoint_every are free
+    assert [json.loads(line) for line in f] == [{"step": 2, "changes": {"train.stage1.weights.llm": [0.1, 0.5]}}]
+  written = open(os.path.join(workdir, "config.json")).read()
+  refused = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
+  assert refused.returncode == 1
+  assert "was trained to step 2 under another config" in refused.stderr
+  assert "train.stage1.weights.llm: 0.5 -> 0.1" in refused.stderr
+  assert open(os.path.join(workdir, "config.json")).read() == written
 
 
 def test_sigterm_saves_and_exits_cleanly(tiny_shards, tmp_path):

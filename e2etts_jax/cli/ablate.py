@@ -36,6 +36,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   from e2etts_jax import ablate
+  refused = None
   if not _REPORT_ONLY.value:
     from e2etts_jax import config_lib, main_job
     config = _CONFIG.value
@@ -54,14 +55,20 @@ def main(argv):
       config_lib.validate(config, jax.device_count())
     except config_lib.ConfigError as e:
       raise app.UsageError(f"bad config: {e}")
-    ablate.run_study(config, _OUT.value, _VARIANTS.value, seeds, corpus_dir=_CORPUS.value,
-                     num_utterances=_NUM_UTTS.value, eval_items=_EVAL_ITEMS.value,
-                     overrides=overrides)
+    from e2etts_jax import trainer
+    try:
+      ablate.run_study(config, _OUT.value, _VARIANTS.value, seeds, corpus_dir=_CORPUS.value,
+                       num_utterances=_NUM_UTTS.value, eval_items=_EVAL_ITEMS.value,
+                       overrides=overrides)
+    except trainer.ResumeError as e:   # the report still covers the runs that finished
+      refused = e
   if _BACKFILL.value:
     _backfill(ablate, _OUT.value)
   text = ablate.write_report([_OUT.value, *_EXTRA.value], _MD.value)
   print(text)
   print(f"[e2etts-ablate] wrote {_MD.value}")
+  if refused is not None:
+    raise app.UsageError(str(refused))
 
 
 def _backfill(ablate, out: str) -> None:

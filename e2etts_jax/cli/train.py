@@ -14,6 +14,9 @@ _BRANCH = flags.DEFINE_string("branch_from", None, "SOURCE_WORKDIR:STEP: start -
                               "(trainer.branch) and train on under SOURCE's config.json with this command's "
                               "--config.a.b=v overrides (the --config file then only checks and types the overrides; its "
                               "values are not used).")
+_ALLOW = flags.DEFINE_bool("allow_config_change", False, "Resume a workdir under a config that differs from its "
+                           "config.json in keys that change training (else refused, naming them); the changes "
+                           "are logged to its config_changes.jsonl.")
 _STOP_AFTER = flags.DEFINE_integer("stop_after", None, "Stop (with a checkpoint) after this many global steps.")
 _DISTRIBUTED = flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                                  "jax.distributed.initialize: auto = when SLURM/E2ETTS_COORDINATOR say multi-host.")
@@ -41,7 +44,12 @@ def main(argv):
     config_lib.validate(config, jax.device_count())
   except config_lib.ConfigError as e:
     raise app.UsageError(f"bad config: {e}")
-  result = trainer.train(config, _WORKDIR.value, stop_after=_STOP_AFTER.value)
+  try:
+    # A branch goes on under its own config by design: its overrides are the changes logged.
+    result = trainer.train(config, _WORKDIR.value, stop_after=_STOP_AFTER.value,
+                           allow_config_change=_ALLOW.value or bool(_BRANCH.value))
+  except trainer.ResumeError as e:
+    raise app.UsageError(str(e))
   state = "preempted, checkpoint saved" if result.preempted else "done"
   logging.info("%s at global step %d (stage %s); workdir %s", state, result.global_step, result.stage,
                _WORKDIR.value)
@@ -65,6 +73,12 @@ def _branch(spec: str, workdir: str, trainer):
     trainer.branch(source, int(step), workdir)
   except (checkpoint.CheckpointError, config_lib.ConfigError) as e:
     raise app.UsageError(str(e))
+  # The branch trains under SOURCE's recipe, not the --config file's: say where they part, since a key the source
+  # run was given on its command line (a loss weight, a budget default) is easily taken for the file's.
+  differ = config_lib.differences(_CONFIG.value, config)
+  if differ and jax.process_index() == 0:
+    print(f"[e2etts-train] {workdir} goes on under {source}/config.json with the overrides, not under --config: "
+          f"{len(differ)} key(s) differ from it (--config -> {source}): {config_lib.describe_differences(differ)}")
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("e2etts-train branch")
   return config
