@@ -251,16 +251,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   total_steps = plan[-1][1] + plan[-1][2]
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), config.train.checkpoint_every,
                                  config.train.keep_checkpoints)
-  latest = ckpt.latest_step()
-  meta = None if latest is None else ckpt.restore_meta(latest)
-  changed = []
-  if meta is not None:
-    try:
-      _check_resumable(plan, latest, meta["stage"], ckpt.directory)
-      changed = _resume_changes(workdir, config, latest, allow_config_change)
-    except TrainingError:
-      ckpt.close()
-      raise
+  try:
+    latest, meta, changed = _resume_point(ckpt, plan, workdir, config, allow_config_change)
+  except (TrainingError, checkpoint.CheckpointError):
+    ckpt.close()
+    raise
   system = System(config, info)
   rng = jax.random.key(config.seed)
   # The iterator of the current stage's batches (`_train_iterator`); a stage with another batch size or other length
@@ -376,13 +371,22 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, *,
     return []
   ckpt = checkpoint.Checkpointer(directory, every=1, keep=1 << 30, async_save=False)
   try:
-    latest = ckpt.latest_step()
-    if latest is None:
-      return []
-    _check_resumable(stage_plan(config), latest, ckpt.restore_meta(latest)["stage"], ckpt.directory)
-    return _resume_changes(workdir, config, latest, allow_config_change)
+    return _resume_point(ckpt, stage_plan(config), workdir, config, allow_config_change)[2]
   finally:
     ckpt.close()
+
+
+def _resume_point(ckpt: checkpoint.Checkpointer, plan: list, workdir: str, config: ml_collections.ConfigDict,
+                  allow: bool) -> tuple[Optional[int], Optional[dict], list[tuple[str, Any, Any]]]:
+  """(latest step, its checkpoint metadata, the changed keys it resumes under) of `ckpt`, or (None, None, []) when
+  it holds no checkpoint. Raises ResumeError where that step lies outside its stage in `plan`
+  (`_check_resumable`) or the config changes keys outside RESUME_FREE without `allow` (`_resume_changes`)."""
+  latest = ckpt.latest_step()
+  if latest is None:
+    return None, None, []
+  meta = ckpt.restore_meta(latest)
+  _check_resumable(plan, latest, meta["stage"], ckpt.directory)
+  return latest, meta, _resume_changes(workdir, config, latest, allow)
 
 
 def _check_resumable(plan: list, step: int, stage: str, directory: str) -> None:
