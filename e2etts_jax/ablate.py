@@ -197,7 +197,9 @@ def run_results(summary: Mapping, workdir: str, *, variant: str, seed: int, over
       "machine": provenance.machine(), "versions": provenance.versions(),
       "commit": commit,
       "date": datetime.date.today().isoformat(),
-      "train_seconds": summary["phases"].get("train"), "total_seconds": summary["total_seconds"],
+      # The run's training over all its resumes; summaries older than that field have only this call's phase.
+      "train_seconds": summary.get("train_seconds", summary["phases"].get("train")),
+      "total_seconds": summary["total_seconds"],
       "wer": {s: (ev.get(s) or {}).get("wer") for s in SYSTEMS},
       "ratio": {s: (ev[s]["wer"] / ceiling if ev.get(s) and ev[s].get("wer") is not None and ceiling else None)
                 for s in ("tts", "resynthesis")},
@@ -465,7 +467,9 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
            "a ratio is the system's WER over the ceiling's (ground-truth mel -> Griffin-Lim) on the same sentences.",
            "Budget: the study config's total training steps x batch size (runs pair up by it); stages: the steps "
            "each run took in stage 1/2/3; train TFLOP: analytic training FLOPs (`flops.train_flops`, at the padded "
-           "batch shape), what `cascaded_equal_flops` matches to e2e's. TTS speaker first: the share of TTS "
+           "batch shape), what `cascaded_equal_flops` matches to e2e's; train min: the run's training wall time, "
+           "compiles and held-out evals included, summed over its resumes (runs saved before that sum: their last "
+           "call's). TTS speaker first: the share of TTS "
            "outputs whose RM speaker embedding ranks the prompt's speaker first among the corpus speakers.", "",
            "## Runs", "",
            "| study | config | budget | stages | variant | seed | machine | TTS / ceiling | resynthesis / ceiling | "
@@ -482,7 +486,7 @@ def results_markdown(rows: Sequence[Mapping]) -> str:
         f"{_num(r.get(MEL_MSE), '{:.3f}')} | {_num(r.get('code_perplexity'), '{:.1f}')} | "
         f"{_num(None if spk is None else 100 * spk, '{:.0f}')} | "
         f"{_num(None if r.get('train_flops') is None else r['train_flops'] / 1e12, '{:.1f}')} | "
-        f"{_num((r.get('train_seconds') or 0) / 60, '{:.1f}')} | "
+        f"{_num(None if r.get('train_seconds') is None else r['train_seconds'] / 60, '{:.1f}')} | "
         f"{r.get('date', '-')} | {r.get('commit') or '-'} |")
   lines += ["", "## Claims (paired: same seeds, sentences and prompts)", "",
             "Lower is better. t-test: paired over seeds on the ratio (on the resynthesis mel error for `mel_mse`: "

@@ -411,6 +411,8 @@ def summary_markdown(summary: Mapping) -> str:
             "| phase | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in summary["phases"].items()]
   lines += [f"| total | {summary['total_seconds']:.1f} |", ""]
+  if summary.get("train_seconds") is not None:   # differs from the train phase where this call resumed a run
+    lines += [f"training time of the run over all its resumes: {summary['train_seconds']:.1f} s", ""]
   lines += ["paths:"] + [f"- {k}: `{v}`" for k, v in summary["paths"].items()]
   return "\n".join(lines) + "\n"
 
@@ -558,6 +560,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, corpus_dir: str, num
       "weights": synth.meta.get("weights", "raw"),
       "ema": {"decay": float(config.train.ema_decay), "networks": config.train.ema_networks},
       "global_step": result.global_step,
+      "train_seconds": result.train_seconds,   # the run's, over every resume (phases' "train" is this call's)
       "machine": provenance.machine(), "versions": provenance.versions(),
       "paths": {
           "tts_wavs": os.path.join(eval_dir, "tts", "wavs"),

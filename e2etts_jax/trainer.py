@@ -47,6 +47,9 @@ class TrainResult:
   history: list[dict]             # one dict of host metrics per logged step
   preempted: bool = False
   evals: list[dict] = dataclasses.field(default_factory=list)   # held-out loss rows (held_out.HeldOut)
+  # Wall seconds spent in `train` on this workdir's run, summed over every call that resumed it (compiles and
+  # held-out evals included); None where a checkpoint it resumed from was saved without the sum.
+  train_seconds: Optional[float] = None
 
 
 def stage_plan(config: ml_collections.ConfigDict) -> list[tuple[str, int, int]]:
@@ -242,6 +245,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   allow_config_change: resume under a config that differs from the workdir's config.json in keys outside
   RESUME_FREE (else ResumeError names them); the changes are logged and appended to its config_changes.jsonl.
   """
+  t0 = time.perf_counter()
   config_lib.validate(config, mesh.size if mesh is not None else jax.device_count())
   mesh = mesh or sharding.make_mesh(config.mesh)
   info = input_pipeline.dataset_info(config.data.shards, config)
@@ -256,6 +260,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
   except (TrainingError, checkpoint.CheckpointError):
     ckpt.close()
     raise
+  # The run's training time so far rides in each checkpoint's metadata, so a resumed (preempted, re-scored) run still
+  # reports what its training cost rather than what its last call did.
+  before = 0.0 if meta is None else meta.get("train_seconds")
+  def seconds_so_far() -> Optional[float]:
+    return None if before is None else before + time.perf_counter() - t0
+
   system = System(config, info)
   rng = jax.random.key(config.seed)
   # The iterator of the current stage's batches (`_train_iterator`); a stage with another batch size or other length
@@ -325,7 +335,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
           bar.update(1)
           # Metrics are read one step late, so the host never waits on the step it just dispatched.
           logger.push((global_step, metrics, rows, frames))
-          meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode}
+          meta = {"stage": stage, "global_step": global_step, "mode": config.train.mode,
+                  "train_seconds": seconds_so_far()}
           stopping = preemption.reached(global_step) or (stop_after is not None and global_step >= stop_after)
           if global_step == first + steps or (config.train.eval_every and
                                               (global_step - first) % config.train.eval_every == 0):
@@ -343,7 +354,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: Option
     if writer.enabled and history:
       metric_writer.plot_loss_curves(workdir)
     return TrainResult(state=state, system=system, global_step=global_step, stage=stage, history=history,
-                       preempted=preemption.requested, evals=held.rows)
+                       preempted=preemption.requested, evals=held.rows, train_seconds=seconds_so_far())
   finally:
     writer.close()
 

@@ -106,8 +106,10 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   def fake_run(config, workdir, **kw):
     calls.append((config.train.mode, config.seed, kw["eval_seed"], os.path.basename(os.path.dirname(workdir))))
     given.append(kw["overrides"])
-    summary = _summary(workdir, wers[os.path.basename(os.path.dirname(workdir))] + config.seed, 30.0, 20.0,
-                       ["a", "b", "c"])
+    variant = os.path.basename(os.path.dirname(workdir))
+    summary = _summary(workdir, wers[variant] + config.seed, 30.0, 20.0, ["a", "b", "c"])
+    if variant == "e2e":   # its training over every resume; a summary without it has only the train phase's 60 s
+      summary["train_seconds"] = 600.0 + config.seed
     return {**summary, **main_job.budget_of(config)}   # as the real run records its budget
 
   monkeypatch.setattr(main_job, "run", fake_run)
@@ -121,6 +123,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   assert (r["variant"], r["seed"]) == ("e2e", 1)
   assert given == [overrides] * 4   # each run's summary records them
   assert r["overrides"] == ["fm.ode_steps=4", "train.stage2.steps=1"]
+  assert r["train_seconds"] == 601.0
   np.testing.assert_allclose(r["ratio"]["tts"], 41.0 / 20.0)
   np.testing.assert_allclose(r["ratio"]["resynthesis"], 1.5)
   assert r["per_utterance_wer"]["tts"] == {"a": 0.41, "b": 0.42, "c": 0.43}
@@ -144,6 +147,7 @@ def test_run_study_skips_finished_runs_and_writes_results(tmp_path, monkeypatch)
   eq = json.load(open(tmp_path / "cascaded_equal_flops" / "seed0" / "results.json"))
   equal = ablate.variant_config(c, "cascaded_equal_flops", 0)
   assert sum(eq["steps"].values()) > r["study_steps"] == eq["study_steps"]
+  assert eq["train_seconds"] == 60.0
   assert eq["train_flops"] == pytest.approx(flops.train_flops(equal, info))
   rows = ablate.load_results([str(tmp_path)])
   assert len(rows) == 5

@@ -137,7 +137,9 @@ def test_final_losses_and_summary_table(tmp_path):
   summary["speaker_ranking"] = {"speakers": 4, "tts": {"top1": 0.5, "n": 2}, "ceiling": {"top1": 1.0, "n": 2}}
   assert ("first of 4; chance 25%): tts 50% of 2, ceiling 100% of 2"
           in main_job.summary_markdown(summary))
-  assert "warning" not in md and "networks:" not in md and "machine:" not in md
+  assert "warning" not in md and "networks:" not in md and "machine:" not in md and "resumes" not in md
+  summary["train_seconds"] = 61.25   # the run's training over its resumes, beside this call's 1 s train phase
+  assert "\ntraining time of the run over all its resumes: 61.2 s\n" in main_job.summary_markdown(summary)
   summary["machine"], summary["versions"] = "CPU (AMD EPYC), 2 cores (x86_64)", {"jax": "0.10.2", "soxr": None}
   assert "\nmachine: CPU (AMD EPYC), 2 cores (x86_64); jax 0.10.2  \n" in main_job.summary_markdown(summary)
   summary["networks"] = {"fm": {"d_model": 8, "num_layers": 2, "mlp_dim": 16, "params": 1234567, "encoder_layers": 1}}

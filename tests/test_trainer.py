@@ -86,8 +86,17 @@ def test_resume_on_another_mesh_continues_identically(tiny_shards, tmp_path):
   full = trainer.train(c, str(tmp_path / "full"), progress=False, mesh=_mesh((4, 1, 1)))
   part = trainer.train(c, str(tmp_path / "split"), progress=False, mesh=_mesh((4, 1, 1)), stop_after=4)
   assert part.global_step == 4
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "split" / "checkpoints"), every=1, keep=8, async_save=False)
+  saved = ckpt.restore_meta(4)["train_seconds"]
+  ckpt.close()
+  assert 0 < saved <= part.train_seconds
+  t = time.perf_counter()
   rest = trainer.train(c, str(tmp_path / "split"), progress=False, mesh=_mesh((2, 1, 2)))
+  took = time.perf_counter() - t
   assert rest.global_step == 8
+  # The run's training time carries over the resume: the first call's (as its last checkpoint saved it) plus this
+  # call's own, so a resumed run does not report only its last part.
+  assert saved + 0.9 * took < rest.train_seconds <= saved + took
   a, b = _losses(full.history), _losses(rest.history)
   assert sorted(b) == [5, 6, 7, 8]
   np.testing.assert_allclose([b[s] for s in b], [a[s] for s in b], rtol=1e-5)
